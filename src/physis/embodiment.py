@@ -351,6 +351,7 @@ class UnifiedSpace:
         Extra kinds are appended in order of first appearance, so a space extended for a new robot
         keeps every existing slot where it was.
         """
+        specs = list(specs)  # iterated twice below; a one-shot iterator would skip the overlap check
         fixed = dict((base or cls()).kinds)  # kinds whose slot counts may not change
         kinds = dict(fixed)
         for spec in specs:

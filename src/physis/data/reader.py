@@ -61,7 +61,8 @@ def column_to_numpy(column: pa.ChunkedArray, width: int, where: str) -> np.ndarr
     if pa.types.is_list(arr.type) or pa.types.is_fixed_size_list(arr.type) or pa.types.is_large_list(arr.type):
         flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
         if flat.size != len(arr) * width:
-            raise DatasetFormatError(f"{where}: expected {width} values per row, found {flat.size / max(len(arr), 1):g}")
+            per_row = flat.size / max(len(arr), 1)
+            raise DatasetFormatError(f"{where}: expected {width} values per row, found {per_row:g}")
         return flat.reshape(len(arr), width)
     values = arr.to_numpy(zero_copy_only=False)
     return values.reshape(len(arr), 1) if width != 1 else values

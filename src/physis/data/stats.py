@@ -8,7 +8,7 @@ silently passes data through.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,6 +110,29 @@ def stats_to_json(stats: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, di
 
 def stats_from_json(data: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
     return {f: {s: np.asarray(v, dtype=np.float64) for s, v in st.items()} for f, st in data.items()}
+
+
+def merge_stats(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Pool stats of disjoint parts: exact min/max/mean/std/count; quantiles as count-weighted means
+    (an approximation; exact quantiles need the values)."""
+    counts = np.array([float(np.asarray(p["count"]).reshape(-1)[0]) for p in parts])
+    w = counts / counts.sum()
+    shape = np.asarray(parts[0]["mean"]).shape
+    wk = w.reshape(-1, *([1] * len(shape)))
+    means = np.stack([np.asarray(p["mean"]) for p in parts])
+    mean = (wk * means).sum(0)
+    var = (wk * (np.stack([np.asarray(p["std"]) for p in parts]) ** 2 + (means - mean) ** 2)).sum(0)
+    out = {
+        "min": np.min(np.stack([np.asarray(p["min"]) for p in parts]), 0),
+        "max": np.max(np.stack([np.asarray(p["max"]) for p in parts]), 0),
+        "mean": mean,
+        "std": np.sqrt(var),
+        "count": np.array([int(counts.sum())], dtype=np.int64),
+    }
+    for q in ("q01", "q10", "q50", "q90", "q99"):
+        if all(q in p for p in parts):
+            out[q] = (wk * np.stack([np.asarray(p[q]) for p in parts])).sum(0)
+    return out
 
 
 class NormalizationError(KeyError):

@@ -12,6 +12,7 @@ crash leaves the previous dataset untouched.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,14 @@ import pyarrow.parquet as pq
 
 from physis.data import atomic, layout
 from physis.data.layout import DatasetFormatError
-from physis.data.stats import RunningStats, compute_stats, image_values, stats_from_json, stats_to_json
+from physis.data.stats import (
+    RunningStats,
+    compute_stats,
+    image_values,
+    merge_stats,
+    stats_from_json,
+    stats_to_json,
+)
 from physis.data.video import EncoderConfig, VideoEncoder, canonical_codec, encoder_for_codec
 
 log = logging.getLogger(__name__)
@@ -122,7 +130,8 @@ class DatasetWriter:
             return layout.video_feature(shape[0], shape[1], fps, canonical_codec(encoder.codec), encoder.pix_fmt,
                                         encoder.info_fields())
         if dtype not in layout.NUMERIC_DTYPES:
-            raise ValueError(f"feature '{name}': dtype must be 'video' or one of {layout.NUMERIC_DTYPES}, got {dtype!r}")
+            allowed = ("video", *layout.NUMERIC_DTYPES)
+            raise ValueError(f"feature '{name}': dtype must be one of {allowed}, got {dtype!r}")
         if len(shape) != 1:
             raise ValueError(f"feature '{name}': numeric features are vectors, shape [n]; got {list(shape)}")
         return {"dtype": dtype, "shape": list(shape), "names": feat.get("names")}
@@ -307,10 +316,8 @@ class DatasetWriter:
         """Discard everything written since this writer opened; the previous dataset is untouched."""
         self._close_data()
         for enc in self._encoders.values():
-            try:
+            with contextlib.suppress(Exception):  # the files are being thrown away
                 enc.close()
-            except Exception:  # noqa: BLE001 (the files are being thrown away)
-                pass
         shutil.rmtree(self.staging, ignore_errors=True)
         self._done = True
 
@@ -333,29 +340,6 @@ class DatasetWriter:
             self.finalize()
         else:
             self.abort()
-
-
-def merge_stats(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Pool stats of disjoint parts: exact min/max/mean/std/count; quantiles as count-weighted means
-    (an approximation; exact quantiles need the values)."""
-    counts = np.array([float(np.asarray(p["count"]).reshape(-1)[0]) for p in parts])
-    w = counts / counts.sum()
-    shape = np.asarray(parts[0]["mean"]).shape
-    wk = w.reshape(-1, *([1] * len(shape)))
-    means = np.stack([np.asarray(p["mean"]) for p in parts])
-    mean = (wk * means).sum(0)
-    var = (wk * (np.stack([np.asarray(p["std"]) for p in parts]) ** 2 + (means - mean) ** 2)).sum(0)
-    out = {
-        "min": np.min(np.stack([np.asarray(p["min"]) for p in parts]), 0),
-        "max": np.max(np.stack([np.asarray(p["max"]) for p in parts]), 0),
-        "mean": mean,
-        "std": np.sqrt(var),
-        "count": np.array([int(counts.sum())], dtype=np.int64),
-    }
-    for q in ("q01", "q10", "q50", "q90", "q99"):
-        if all(q in p for p in parts):
-            out[q] = (wk * np.stack([np.asarray(p[q]) for p in parts])).sum(0)
-    return out
 
 
 def _write_index(path: Path, column: str, index: Mapping[str, int]) -> None:
