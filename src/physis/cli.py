@@ -18,7 +18,7 @@ console = Console()
 _CONFIG = (tyro.conf.OmitArgPrefixes,)  # `--out DIR`, not `--cfg.out DIR`
 
 
-def embodiments(name: str | None = None) -> None:
+def embodiments(name: tyro.conf.Positional[str | None] = None) -> None:
     """List the built-in embodiments, or show one (a name or a .yaml/.json spec file)."""
     from physis.embodiment import UnifiedSpace, builtin_names, load_embodiment
 
@@ -30,7 +30,7 @@ def embodiments(name: str | None = None) -> None:
     space = UnifiedSpace.for_specs(specs)
     table = Table(title=f"built-in embodiments (unified space: {space.dim} slots)")
     for col in ("name", "fps", "action", "state", "cameras"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col == "name")
     for s in specs:
         table.add_row(s.name, f"{s.fps:g}", " ".join(f"{g.name}:{g.size}" for g in s.action),
                       " ".join(f"{g.name}:{g.size}" for g in s.state),
@@ -38,7 +38,7 @@ def embodiments(name: str | None = None) -> None:
     console.print(table)
 
 
-def dataset(root: Path) -> None:
+def dataset(root: tyro.conf.Positional[Path]) -> None:
     """Load a LeRobot v3.0 / v2.1 dataset, check it, and summarize it."""
     from physis.data.reader import LeRobotDataset
 

@@ -155,7 +155,7 @@ class DatasetWriter:
         if (root / layout.SUBTASKS_PATH).is_file():
             existing["subtasks"] = _read_index(root / layout.SUBTASKS_PATH, "subtask")
         if len(episodes):
-            last = {k: episodes[k][-1] for k in episodes.column_names}
+            last = episodes.slice(len(episodes) - 1).to_pylist()[0]
             existing["next_data"] = layout.next_chunk_file(last["data/chunk_index"], last["data/file_index"], chunks)
             existing["next_episodes"] = layout.next_chunk_file(
                 last["meta/episodes/chunk_index"], last["meta/episodes/file_index"], chunks)
