@@ -76,6 +76,7 @@ class DatasetWriter:
         self._previous_stats = ex.get("stats")
         self._stats = {k: RunningStats(is_image=k in self.video_keys, seed=i)
                        for i, k in enumerate(self.features)}
+        self._frames_sampled = dict.fromkeys(self.video_keys, 0)
         self._episode_rows: list[dict[str, Any]] = []
         chunks = int(info["chunks_size"])
         # Where the next file of each stream goes: new files after any existing ones.
@@ -210,7 +211,10 @@ class DatasetWriter:
             video = np.asarray(frames[key])[:: _image_stride(length)]
             pixels = image_values(video)
             self._stats[key].update(pixels)
-            row.update({f"stats/{key}/{s}": v.tolist() for s, v in compute_stats(pixels, is_image=True).items()})
+            self._frames_sampled[key] += len(video)
+            stats = compute_stats(pixels, is_image=True)
+            stats["count"] = np.array([len(video)])  # LeRobot counts sampled frames, not pixels
+            row.update({f"stats/{key}/{s}": v.tolist() for s, v in stats.items()})
         self._episode_rows.append(row)
         self.total_episodes += 1
         self.total_frames += length
@@ -299,6 +303,9 @@ class DatasetWriter:
         if self.has_subtasks:
             _write_index(self.staging / layout.SUBTASKS_PATH, "subtask", self.subtasks)
         stats = {k: s.result() for k, s in self._stats.items() if s.count}
+        for key, frames in self._frames_sampled.items():
+            if key in stats:
+                stats[key]["count"] = np.array([frames])
         if self._previous_stats:
             stats = {k: merge_stats([self._previous_stats[k], v]) if k in self._previous_stats else v
                      for k, v in stats.items()} if stats else self._previous_stats
