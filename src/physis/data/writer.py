@@ -64,9 +64,9 @@ class DatasetWriter:
         self.fps = int(info["fps"])
         self.features: dict[str, dict[str, Any]] = info["features"]
         self.video_keys = layout.video_keys(self.features)
-        self.data_keys = [k for k in self.features if k not in self.video_keys and k not in _DEFAULT_COLUMNS]
+        written_here = {*self.video_keys, *_DEFAULT_COLUMNS, "subtask_index"}  # not passed in by the caller
+        self.data_keys = [k for k in self.features if k not in written_here]
         self.has_subtasks = "subtask_index" in self.features
-        self.data_keys = [k for k in self.data_keys if k != "subtask_index"]
         self._schema = pa.schema([(k, _arrow_type(f)) for k, f in self.features.items() if f["dtype"] != "video"])
         ex = existing or {}
         self.tasks: dict[str, int] = dict(ex.get("tasks", {}))
