@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.physis-installed
 TORCH  := torch==2.13.0
-EXTRAS := dev
+EXTRAS := dev,sim
 export MUJOCO_GL ?= egl
 
 .PHONY: setup system-libs demo test lint clean

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 from physis.data.benchmark import DataBenchConfig
+from physis.eval.runner import EvalConfig
+from physis.sim.collect import CollectConfig
 
 console = Console()
 _CONFIG = (tyro.conf.OmitArgPrefixes,)  # `--out DIR`, not `--cfg.out DIR`
@@ -77,6 +80,62 @@ def bench_data(cfg: DataBenchConfig) -> None:
                   f"results in {cfg.out / 'results.json'}")
 
 
+def suites(name: tyro.conf.Positional[str | None] = None) -> None:
+    """List the benchmark suites, or the tasks and instructions of one."""
+    from physis.sim.suites import SUITES, get_suite
+
+    if name is None:
+        table = Table(title="benchmark suites")
+        for col in ("suite", "embodiment", "tasks", "description"):
+            table.add_column(col, no_wrap=col == "suite")
+        for s in SUITES.values():
+            table.add_row(s.name, s.embodiment, str(len(s.tasks)), s.description)
+        console.print(table)
+        return
+    suite = get_suite(name)
+    table = Table(title=f"{suite.name}: {suite.description}")
+    table.add_column("task", no_wrap=True)
+    for t in suite.tasks:
+        table.add_row(t)
+    console.print(table)
+
+
+def collect(cfg: CollectConfig) -> None:
+    """Expert demonstrations -> a LeRobot v3.0 dataset with instructions and subtask labels."""
+    from physis.sim.collect import collect as run
+
+    summary = run(cfg)
+    table = Table(title=f"physis collect {cfg.suite} -> {cfg.out}")
+    for col in ("task", "kept", "expert success", "tried", "frames"):
+        table.add_column(col)
+    for task, t in summary.tallies.items():
+        table.add_row(task, str(t.kept), f"{t.success_rate:.0%}", str(t.attempts), str(t.frames))
+    console.print(table)
+    console.print(f"{summary.episodes} episodes kept of {summary.attempts} tried (expert success "
+                  f"{summary.expert_success_rate:.1%}) in {summary.seconds:.0f}s with {summary.workers} workers: "
+                  f"{summary.episodes_per_minute:.1f} episodes/min")
+
+
+def eval(cfg: EvalConfig) -> None:  # noqa: A001 -- the command is called eval
+    """Run a policy on held-out seeds; writes results.json, success.png and videos/."""
+    from physis.eval.runner import evaluate
+
+    results = evaluate(cfg)
+    table = Table(title=f"physis eval {cfg.suite} ({results['policy']}, {cfg.episodes} episodes per task)")
+    for col in ("task", "success", "95% interval", "mean length", "errors"):
+        table.add_column(col)
+    for task, r in results["tasks"].items():
+        lo, hi = r["ci95"]
+        table.add_row(task, f"{r['successes']}/{r['episodes']}", f"{lo:.0%}-{hi:.0%}", f"{r['mean_length']:.0f}",
+                      str(r["errors"]))
+    console.print(table)
+    for task, r in results["tasks"].items():
+        for e in r["error_examples"][:1]:
+            console.print(f"[yellow]{task} seed {e['seed']}[/]: {e['error']}")
+    console.print(f"mean success {results['mean_success']:.1%}; {results['episodes_per_minute']:.1f} episodes/min; "
+                  f"results in {Path(cfg.out) / 'results.json'}")
+
+
 @dataclass(frozen=True)
 class Quickstart:
     out: Path = Path("outputs/quickstart")
@@ -102,17 +161,35 @@ def _bench_help() -> None:
     tyro.extras.subcommand_cli_from_dict({"data": bench_data}, args=["--help"], prog="physis bench", config=_CONFIG)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from physis.data.layout import DatasetFormatError
+    from physis.embodiment import SpecError
+    from physis.sim.suites import UnknownNameError
+
+    return (UnknownNameError, DatasetFormatError, SpecError, FileNotFoundError, FileExistsError)
+
+
+_USER_ERRORS = _user_errors()
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["bench"]:
-        tyro.extras.subcommand_cli_from_dict({"data": bench_data}, args=args[1:], prog="physis bench", config=_CONFIG)
-        return
-    tyro.extras.subcommand_cli_from_dict(
-        {"quickstart": quickstart, "embodiments": embodiments, "dataset": dataset,
-         "bench": _bench_help},
-        args=args, prog="physis", config=_CONFIG,
-        description="physis: an end-to-end foundation model for the physical world.")
+    try:
+        if args[:1] == ["bench"]:
+            tyro.extras.subcommand_cli_from_dict({"data": bench_data}, args=args[1:], prog="physis bench",
+                                                 config=_CONFIG)
+            return
+        tyro.extras.subcommand_cli_from_dict(
+            {"quickstart": quickstart, "collect": collect, "eval": eval, "suites": suites,
+             "embodiments": embodiments, "dataset": dataset, "bench": _bench_help},
+            args=args, prog="physis", config=_CONFIG,
+            description="physis: an end-to-end foundation model for the physical world.")
+    except _USER_ERRORS as e:
+        if os.environ.get("PHYSIS_DEBUG"):
+            raise
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

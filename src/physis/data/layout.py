@@ -115,6 +115,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes it private; metadata is meant to be read by others
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=4, ensure_ascii=False)
             f.flush()

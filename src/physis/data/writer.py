@@ -291,6 +291,12 @@ class DatasetWriter:
 
     # ------------------------------------------------------------------ finishing
 
+    def write_meta_json(self, name: str, obj: Any) -> None:
+        """An extra file `meta/<name>` (JSON), committed with the rest; LeRobot readers ignore it."""
+        if "/" in name or not name.endswith(".json") or name in ("info.json", "stats.json"):
+            raise ValueError(f"extra meta files are plain *.json names other than info/stats, got {name!r}")
+        layout.write_json_atomic(self.staging / "meta" / name, obj)
+
     def finalize(self) -> Path:
         """Close every file, write the meta files and swap the staging directory in."""
         if self._done:

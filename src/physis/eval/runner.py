@@ -1,0 +1,195 @@
+"""`physis eval`: N held-out episodes per task, in parallel processes, into results.json, videos and a plot.
+
+A policy returns action chunks; the runner executes each chunk open-loop, or only its first k steps
+before asking again (`replan_every=k`). A policy that raises, or returns the wrong shape or a NaN, fails
+that episode with the reason recorded; the evaluation goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from physis.eval.policies import as_chunk, make_policy
+from physis.eval.report import TaskResult, write_report
+from physis.progress import progress_bar
+from physis.sim.base import EnvConfig
+from physis.sim.rollout import cached_env
+from physis.sim.seeds import EVAL_SEEDS, eval_seeds, seed_ranges
+from physis.sim.suites import resolve_tasks
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate, on what, and where the results go."""
+
+    suite: str
+    out: Path
+    tasks: tuple[str, ...] = ()  # empty: every task of the suite
+    episodes: int = 10  # per task
+    policy: str = "expert"  # expert | random | module:factory (ignored with --checkpoint)
+    checkpoint: Path | None = None
+    seed: int = 0  # offset into the evaluation seed range
+    replan_every: int = 0  # 0: run each chunk to its end (open loop); k: ask again after k steps
+    workers: int = 0  # 0: one per core
+    videos: int = 1  # record the first N episodes of each task as mp4
+    image_size: int = 96
+    cameras: tuple[str, ...] = ()  # empty: the embodiment's cameras
+    max_steps: int = 0  # 0: the suite's episode limit
+    progress: bool = True
+
+
+@dataclass
+class EpisodeResult:
+    task: str
+    seed: int
+    success: bool
+    length: int
+    seconds: float
+    error: str | None = None
+    video: str | None = None
+    subtasks: list[str] = field(default_factory=list)  # what the policy said it was doing, per step
+
+
+def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> EpisodeResult:
+    """One closed-loop episode in this process (environment and policy cached per process)."""
+    start = time.perf_counter()
+    env_config = EnvConfig(image_size=cfg.image_size, cameras=tuple(cfg.cameras) or None,
+                           max_steps=cfg.max_steps or None)
+    env = cached_env(cfg.suite, task, env_config)
+    frames: list[np.ndarray] = []
+    subtasks: list[str] = []
+    steps = 0
+    try:
+        policy = _policy(cfg, env)
+        policy.reset()
+        obs, _ = env.reset(seed=seed)
+        done = False
+        while not done:
+            output = policy.infer(obs)
+            chunk = as_chunk(output, env.embodiment.action_dim)
+            label = output.get("subtask") if isinstance(output, dict) else None
+            n = min(len(chunk), cfg.replan_every) if cfg.replan_every > 0 else len(chunk)
+            for action in chunk[:n]:
+                if video is not None:
+                    frames.append(_tile(obs["images"]))
+                obs, _, terminated, truncated, _ = env.step(action)
+                steps += 1
+                subtasks.append(label or "")
+                done = terminated or truncated
+                if done:
+                    break
+        if video is not None:
+            frames.append(_tile(obs["images"]))
+        error = None
+    except Exception as e:  # noqa: BLE001 -- a bad policy fails its episode, not the evaluation
+        error = f"{type(e).__name__}: {e}"
+    if video is not None and frames:
+        _write_video(video, frames, env.embodiment.fps)
+    success = env.success and error is None
+    return EpisodeResult(task, seed, bool(success), steps, time.perf_counter() - start, error,
+                         str(video) if video is not None and frames else None, subtasks)
+
+
+_POLICIES: dict[tuple[str, str], Any] = {}
+
+
+def _policy(cfg: EvalConfig, env) -> Any:
+    key = (env.suite, env.task)
+    if key not in _POLICIES:
+        _POLICIES[key] = make_policy(cfg.policy, env, cfg.checkpoint)
+    return _POLICIES[key]
+
+
+def _tile(images: dict[str, np.ndarray]) -> np.ndarray:
+    """Cameras side by side, upscaled by an integer factor to at least 192 px tall for viewing."""
+    tile = np.concatenate(list(images.values()), axis=1)
+    k = max(1, -(-192 // tile.shape[0]))
+    tile = tile.repeat(k, 0).repeat(k, 1)
+    return tile[: tile.shape[0] // 2 * 2, : tile.shape[1] // 2 * 2]  # yuv420p needs even sizes
+
+
+def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    from physis.data.video import EncoderConfig, VideoEncoder
+
+    h, w, _ = frames[0].shape
+    enc = VideoEncoder(path, fps=max(1, int(round(min(fps, 30)))), height=h, width=w,
+                       config=EncoderConfig(codec="libx264", gop=30, crf=23, preset="veryfast"))
+    for f in frames:
+        enc.add(f)
+    enc.close()
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Run the evaluation and write `results.json`, `success.png` and `videos/` under `cfg.out`."""
+    tasks = resolve_tasks(cfg.suite, list(cfg.tasks) or None)
+    if cfg.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {cfg.episodes}")
+    if cfg.replan_every < 0:
+        raise ValueError(f"--replan-every must be >= 0, got {cfg.replan_every}")
+    if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = eval_seeds(cfg.episodes, cfg.seed)
+    jobs = [(t, s, (out / "videos" / f"{t.replace('/', '_')}_seed{s}.mp4") if i < cfg.videos else None)
+            for t in tasks for i, s in enumerate(seeds)]
+    workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(jobs)))
+    results: list[EpisodeResult] = []
+
+    progress = progress_bar("eval", "success", cfg.progress)
+    start = time.perf_counter()
+    with progress:
+        bar = progress.add_task(cfg.suite, total=len(jobs), success="-")
+
+        def record(r: EpisodeResult) -> None:
+            results.append(r)
+            progress.update(bar, advance=1, success=f"{sum(x.success for x in results)}/{len(results)}")
+
+        if workers == 1:
+            for t, s, v in jobs:
+                record(run_episode(cfg, t, s, v))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+                pending: dict[Future, tuple[str, int]] = {pool.submit(run_episode, cfg, t, s, v): (t, s)
+                                                          for t, s, v in jobs}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        t, s = pending.pop(f)
+                        try:
+                            record(f.result())
+                        except Exception as e:  # noqa: BLE001 -- e.g. a worker that died
+                            record(EpisodeResult(t, s, False, 0, 0.0, f"worker failed: {type(e).__name__}: {e}"))
+    seconds = time.perf_counter() - start
+    per_task = {t: TaskResult.from_episodes(sorted((r for r in results if r.task == t), key=lambda r: r.seed))
+                for t in tasks}
+    meta = {
+        "suite": cfg.suite,
+        "checkpoint": str(cfg.checkpoint) if cfg.checkpoint is not None else cfg.policy,
+        "policy": "checkpoint" if cfg.checkpoint is not None else cfg.policy,
+        "episodes_per_task": cfg.episodes,
+        "seed": EVAL_SEEDS[cfg.seed],
+        "seed_offset": cfg.seed,
+        "seed_ranges": seed_ranges(),
+        "replan_every": cfg.replan_every,
+        "image_size": cfg.image_size,
+        "max_steps": cfg.max_steps or None,
+        "workers": workers,
+        "seconds": round(seconds, 2),
+        "episodes_per_minute": round(60 * len(results) / max(seconds, 1e-9), 2),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}",
+        "command": " ".join(["physis", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("physis") else None,
+    }
+    return write_report(out, meta, per_task)

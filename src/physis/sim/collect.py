@@ -1,0 +1,209 @@
+"""`physis collect`: expert rollouts -> a LeRobot v3.0 dataset with instructions and subtask labels.
+
+Episodes run in worker processes; results are written in a fixed order (task, then seed), so the same
+command gives the same dataset. By default only successful demonstrations are kept: a task whose
+expert fails on a seed gets a fresh seed, up to `max_attempts` per kept episode. Seeds come from the
+training range only; `meta/collection.json` records every seed tried, the expert's success rate per
+task and both seed ranges, so anyone can check that no evaluation seed was ever a demonstration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from physis.data.writer import DatasetWriter
+from physis.embodiment import EmbodimentSpec, load_embodiment
+from physis.progress import progress_bar
+from physis.sim.base import EnvConfig
+from physis.sim.rollout import ExpertEpisode, expert_episode_job
+from physis.sim.seeds import TRAIN_SEEDS, seed_ranges, train_seeds
+from physis.sim.suites import get_suite, resolve_tasks
+
+COLLECTION_META = "collection.json"
+
+
+@dataclass
+class CollectConfig:
+    """What to collect and where."""
+
+    suite: str
+    out: Path
+    tasks: tuple[str, ...] = ()  # empty: every task of the suite
+    episodes: int = 50  # episodes kept per task
+    seed: int = 0  # offset into the training seed range
+    image_size: int = 96
+    cameras: tuple[str, ...] = ()  # empty: the embodiment's cameras
+    workers: int = 0  # 0: one per core
+    keep_failures: bool = False  # also keep episodes where the expert failed
+    max_attempts: float = 3.0  # give up on a task after episodes * max_attempts seeds
+    paraphrase: bool = True  # a random paraphrase of the instruction per episode
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TaskTally:
+    attempts: int = 0
+    successes: int = 0
+    kept: int = 0
+    frames: int = 0
+    seeds_tried: list[int] = field(default_factory=list)
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.attempts if self.attempts else 0.0
+
+
+@dataclass
+class CollectSummary:
+    out: Path
+    suite: str
+    tallies: dict[str, TaskTally]
+    seconds: float
+    workers: int
+
+    @property
+    def episodes(self) -> int:
+        return sum(t.kept for t in self.tallies.values())
+
+    @property
+    def attempts(self) -> int:
+        return sum(t.attempts for t in self.tallies.values())
+
+    @property
+    def expert_success_rate(self) -> float:
+        return sum(t.successes for t in self.tallies.values()) / max(1, self.attempts)
+
+    @property
+    def episodes_per_minute(self) -> float:
+        return 60.0 * self.attempts / max(self.seconds, 1e-9)
+
+
+def _features(spec: EmbodimentSpec, cameras: tuple[str, ...], hw: tuple[int, int]) -> dict[str, dict[str, Any]]:
+    feats: dict[str, dict[str, Any]] = {
+        "observation.state": {"dtype": "float32", "shape": [spec.state_dim], "names": spec.state_names},
+        "action": {"dtype": "float32", "shape": [spec.action_dim], "names": spec.action_names},
+    }
+    for cam in cameras:
+        feats[f"observation.images.{cam}"] = {"dtype": "video", "shape": [hw[0], hw[1], 3], "names": None}
+    return feats
+
+
+def _run_in_order(executor: Executor, jobs: list[tuple[str, int]], suite: str,
+                  env_config: EnvConfig) -> Iterator[ExpertEpisode]:
+    """Submit every job, yield results in submission order (a bounded window keeps memory small)."""
+    window = 4 * max(1, getattr(executor, "_max_workers", 1))
+    pending: list[Future] = []
+    for task, seed in jobs:
+        pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    while pending:
+        yield pending.pop(0).result()
+
+
+class _InlineExecutor(Executor):
+    """Runs jobs in this process (one worker): no spawn cost, easier to debug."""
+
+    _max_workers = 1
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # noqa: BLE001 -- delivered through the future like a pool would
+            f.set_exception(e)
+        return f
+
+
+def collect(cfg: CollectConfig) -> CollectSummary:
+    """Roll out the suite's expert and write the dataset; returns per-task tallies."""
+    suite = get_suite(cfg.suite)
+    tasks = resolve_tasks(cfg.suite, list(cfg.tasks) or None)
+    if cfg.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {cfg.episodes}")
+    if cfg.max_attempts < 1:
+        raise ValueError(f"--max-attempts must be >= 1, got {cfg.max_attempts}")
+    spec = load_embodiment(suite.embodiment)
+    env_config = EnvConfig(image_size=cfg.image_size, cameras=tuple(cfg.cameras) or None, paraphrase=cfg.paraphrase)
+    cameras = env_config.cameras or tuple(c.name for c in spec.cameras)
+    budget = math.ceil(cfg.episodes * cfg.max_attempts)
+    seeds = train_seeds(budget, cfg.seed)  # raises if the range is exhausted
+    tallies = {t: TaskTally() for t in tasks}
+    next_seed = dict.fromkeys(tasks, 0)
+    workers = cfg.workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(tasks) * cfg.episodes))
+    episode_log: list[dict[str, Any]] = []
+
+    progress = progress_bar("collect", "expert", cfg.progress)
+    start = time.perf_counter()
+    executor: Executor = (_InlineExecutor() if workers == 1
+                          else ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
+    writer = DatasetWriter.create(cfg.out, fps=int(round(spec.fps)), features=_features(spec, cameras, env_config.hw),
+                                  robot_type=spec.name, subtasks=True, overwrite=cfg.overwrite)
+    try:
+        with writer, executor, progress:
+            bar = progress.add_task(cfg.suite, total=len(tasks) * cfg.episodes, expert="-")
+            # Rounds: ask every unfinished task for the episodes it still needs, on fresh seeds.
+            while True:
+                jobs = []
+                for t in tasks:
+                    need = cfg.episodes - tallies[t].kept
+                    take = min(need, budget - next_seed[t])
+                    jobs += [(t, seeds[next_seed[t] + i]) for i in range(take)]
+                    next_seed[t] += take
+                if not jobs:
+                    break
+                for ep in _run_in_order(executor, jobs, cfg.suite, env_config):
+                    tally = tallies[ep.task]
+                    tally.attempts += 1
+                    tally.successes += ep.success
+                    tally.seeds_tried.append(ep.seed)
+                    entry = {"task": ep.task, "seed": ep.seed, "success": ep.success, "length": ep.length,
+                             "instruction": ep.instruction, "episode_index": None}
+                    if (ep.success or cfg.keep_failures) and tally.kept < cfg.episodes:
+                        entry["episode_index"] = writer.add_episode(ep.frames, ep.instruction, subtasks=ep.subtasks)
+                        tally.kept += 1
+                        tally.frames += ep.length
+                        progress.advance(bar)
+                    episode_log.append(entry)
+                    done = sum(x.successes for x in tallies.values())
+                    tried = sum(x.attempts for x in tallies.values())
+                    progress.update(bar, expert=f"{done}/{tried} ok")
+            seconds = time.perf_counter() - start
+            summary = CollectSummary(Path(cfg.out), cfg.suite, tallies, seconds, workers)
+            writer.write_meta_json(COLLECTION_META, _collection_meta(cfg, spec, cameras, summary, episode_log))
+    except BaseException:
+        if isinstance(executor, ProcessPoolExecutor):
+            executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    return summary
+
+
+def _collection_meta(cfg: CollectConfig, spec: EmbodimentSpec, cameras: tuple[str, ...], summary: CollectSummary,
+                     episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {
+        "suite": cfg.suite,
+        "embodiment": spec.name,
+        "cameras": list(cameras),
+        "config": config,
+        "seed_ranges": seed_ranges(),
+        "seed_split": "train",
+        "train_seed_offset": cfg.seed,
+        "first_train_seed": TRAIN_SEEDS[cfg.seed],
+        "expert": {t: {"attempts": x.attempts, "successes": x.successes, "success_rate": x.success_rate,
+                       "kept": x.kept, "frames": x.frames} for t, x in summary.tallies.items()},
+        "expert_success_rate": summary.expert_success_rate,
+        "seconds": summary.seconds,
+        "workers": summary.workers,
+        "episodes": episodes,
+    }

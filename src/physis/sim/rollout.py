@@ -1,0 +1,66 @@
+"""Expert rollouts recorded as episodes, and the per-process environment cache workers share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from physis.sim.base import EnvConfig, SimEnv, state_vector
+from physis.sim.suites import make_env
+
+_ENVS: dict[tuple[str, str, EnvConfig], SimEnv] = {}
+
+
+def cached_env(suite: str, task: str, config: EnvConfig) -> SimEnv:
+    """One environment per (suite, task, config) per process: building one (and its GL context) is slow."""
+    key = (suite, task, config)
+    if key not in _ENVS:
+        _ENVS[key] = make_env(suite, task, config)
+    return _ENVS[key]
+
+
+@dataclass
+class ExpertEpisode:
+    """One expert rollout: per-step frames in LeRobot feature names, plus what happened."""
+
+    task: str
+    seed: int
+    instruction: str
+    success: bool
+    length: int
+    frames: dict[str, np.ndarray] = field(default_factory=dict)
+    subtasks: list[str] = field(default_factory=list)
+
+
+def record_expert_episode(env: SimEnv, seed: int) -> ExpertEpisode:
+    """Run the env's expert from `seed` to success or the step limit, recording observation and action per step."""
+    expert = env.expert()
+    obs, _ = env.reset(seed=seed)
+    expert.reset()
+    states: list[np.ndarray] = []
+    actions: list[np.ndarray] = []
+    labels: list[str] = []
+    images: dict[str, list[np.ndarray]] = {cam: [] for cam in obs["images"]}
+    done = False
+    while not done:
+        action, label = expert.act(obs)
+        action = env.check_action(action)
+        states.append(state_vector(obs, env.embodiment))
+        actions.append(action.astype(np.float32))
+        labels.append(label)
+        for cam, img in obs["images"].items():
+            images[cam].append(img)
+        obs, _, terminated, truncated, _ = env.step(action)
+        done = terminated or truncated
+    frames: dict[str, Any] = {"observation.state": np.stack(states), "action": np.stack(actions)}
+    for cam, imgs in images.items():
+        frames[f"observation.images.{cam}"] = np.stack(imgs)
+    return ExpertEpisode(task=env.task, seed=seed, instruction=env.instruction, success=env.success,
+                         length=len(actions), frames=frames, subtasks=labels)
+
+
+def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig) -> ExpertEpisode:
+    """Picklable entry point for worker processes."""
+    return record_expert_episode(cached_env(suite, task, config), seed)
