@@ -101,11 +101,11 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
                          str(video) if video is not None and frames else None, subtasks)
 
 
-_POLICIES: dict[tuple[str, str], Any] = {}
+_POLICIES: dict[tuple[str, str, str, str], Any] = {}
 
 
 def _policy(cfg: EvalConfig, env) -> Any:
-    key = (env.suite, env.task)
+    key = (cfg.policy, str(cfg.checkpoint), env.suite, env.task)
     if key not in _POLICIES:
         _POLICIES[key] = make_policy(cfg.policy, env, cfg.checkpoint)
     return _POLICIES[key]

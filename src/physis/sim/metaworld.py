@@ -9,6 +9,7 @@ variation, and training and evaluation seeds never meet.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from physis.sim.metaworld_tasks import INSTRUCTIONS, MT50
 CAMERAS = {"corner": "corner", "corner2": "corner2", "corner3": "corner3", "gripper": "gripperPOV",
            "behind_gripper": "behindGripper", "top": "topview", "front": "front"}
 _FLIPPED = ("corner", "corner2", "corner3")
+# Meta-World's experts warn on every step whose gain saturates the (clipped) action; that is by design.
+warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 _FRONT = {"lookat": (0.0, 0.7, 0.05), "distance": 1.1, "azimuth": -90.0, "elevation": -45.0}
 
 

@@ -1,0 +1,54 @@
+"""`physis collect`: expert rollouts -> a LeRobot v3.0 dataset with subtasks, on training seeds only."""
+
+import json
+
+import numpy as np
+
+from physis.data.reader import LeRobotDataset
+from physis.sim.collect import COLLECTION_META, CollectConfig, collect
+from physis.sim.metaworld_tasks import INSTRUCTIONS
+from physis.sim.seeds import EVAL_SEEDS, TRAIN_SEEDS
+from tests.data.lerobot_v3_conformance import check_lerobot_v3
+
+TASKS = ("reach-v3", "drawer-close-v3")
+
+
+def test_collect_writes_a_dataset_the_reader_loads_with_subtasks(tmp_path):
+    out = tmp_path / "demos"
+    summary = collect(CollectConfig(suite="metaworld/mt10", tasks=TASKS, episodes=2, out=out, image_size=32,
+                                    workers=2, progress=False))
+    assert summary.episodes == 4
+    assert all(t.kept == 2 and t.successes >= 2 for t in summary.tallies.values())
+    check_lerobot_v3(out)
+
+    ds = LeRobotDataset(out)
+    assert len(ds.episodes) == 4
+    assert set(ds.features) >= {"observation.state", "action", "observation.images.corner",
+                                "observation.images.gripper", "subtask_index"}
+    assert set(ds.tasks) <= {p for t in TASKS for p in INSTRUCTIONS[t]}
+    assert len(ds.subtasks) >= 2  # the experts go through phases
+    item = ds[0]
+    assert item["observation.images.corner"].shape == (3, 32, 32)
+    assert item["subtask"] in ds.subtasks and item["task"] in ds.tasks
+    assert np.isfinite(item["action"].numpy()).all()
+
+    meta = json.loads((out / "meta" / COLLECTION_META).read_text())
+    assert meta["suite"] == "metaworld/mt10" and meta["seed_split"] == "train"
+    seeds = [e["seed"] for e in meta["episodes"]]
+    assert all(TRAIN_SEEDS.start <= s < TRAIN_SEEDS.stop for s in seeds)
+    assert not set(seeds) & set(EVAL_SEEDS)
+    assert meta["seed_ranges"]["eval"] == [EVAL_SEEDS.start, EVAL_SEEDS.stop]
+    kept = [e for e in meta["episodes"] if e["episode_index"] is not None]
+    assert sorted(e["episode_index"] for e in kept) == [0, 1, 2, 3]
+    assert meta["expert"]["reach-v3"]["success_rate"] > 0
+
+
+def test_collect_is_deterministic(tmp_path):
+    def run(out):
+        collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=out, image_size=16,
+                              workers=1, progress=False))
+        return LeRobotDataset(out)
+
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
+    np.testing.assert_array_equal(a[5]["action"].numpy(), b[5]["action"].numpy())
+    assert a[5]["subtask"] == b[5]["subtask"] and a[5]["task"] == b[5]["task"]
