@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,14 @@ from physis.sim.base import EnvConfig, SimEnv, state_vector
 from physis.sim.suites import make_env
 
 _ENVS: dict[tuple[str, str, EnvConfig], SimEnv] = {}
+
+
+@atexit.register
+def _close_cached_envs() -> None:
+    """Free GL contexts before the interpreter tears down the libraries they need (else EGL complains)."""
+    while _ENVS:
+        with contextlib.suppress(Exception):
+            _ENVS.popitem()[1].close()
 
 
 def cached_env(suite: str, task: str, config: EnvConfig) -> SimEnv:
