@@ -28,6 +28,34 @@ def test_bench_data_writes_results_and_dataset_command_reads_it(tmp_path, capsys
     assert "v3.0: 2 episodes, 40 frames at 80 fps" in text
 
 
-def test_unknown_embodiment_is_a_clear_error():
-    with pytest.raises(Exception, match="unknown embodiment 'robbie'"):
+def test_unknown_embodiment_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
         main(["embodiments", "robbie"])
+    assert e.value.code == 2
+    assert "unknown embodiment 'robbie'" in capsys.readouterr().out
+
+
+def test_suites_lists_and_unknown_suite_lists_the_valid_ones(capsys, tmp_path):
+    main(["suites"])
+    out = capsys.readouterr().out
+    for name in ("metaworld/mt10", "metaworld/mt50", "fetch/pick_and_place", "hand/reach", "pointmaze/bimodal"):
+        assert name in out
+    main(["suites", "metaworld/mt10"])
+    assert "drawer-open-v3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["collect", "--suite", "metaworld/mt11", "--out", str(tmp_path / "x")])
+    out = capsys.readouterr().out
+    assert "unknown suite 'metaworld/mt11'" in out and "metaworld/mt10" in out
+    with pytest.raises(SystemExit):
+        main(["eval", "--suite", "metaworld/mt10", "--tasks", "reach", "--out", str(tmp_path / "y")])
+    assert "Did you mean 'reach-v3'" in capsys.readouterr().out
+
+
+def test_eval_command_prints_the_table(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    main(["eval", "--suite", "metaworld/mt10", "--tasks", "reach-v3", "--episodes", "1", "--policy", "random",
+          "--image-size", "16", "--videos", "0", "--workers", "1", "--max-steps", "5", "--out", str(tmp_path),
+          "--no-progress"])
+    out = capsys.readouterr().out
+    assert "reach-v3" in out and "0/1" in out and "mean success 0.0%" in out
+    assert json.loads((tmp_path / "results.json").read_text())["policy"] == "random"
