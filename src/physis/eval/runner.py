@@ -43,7 +43,7 @@ class EvalConfig:
     replan_every: int = 0  # 0: run each chunk to its end (open loop); k: ask again after k steps
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
-    image_size: int = 96
+    image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
     cameras: tuple[str, ...] = ()  # empty: the embodiment's cameras
     max_steps: int = 0  # 0: the suite's episode limit
     progress: bool = True
@@ -64,8 +64,8 @@ class EpisodeResult:
 def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> EpisodeResult:
     """One closed-loop episode in this process (environment and policy cached per process)."""
     start = time.perf_counter()
-    env_config = EnvConfig(image_size=cfg.image_size, cameras=tuple(cfg.cameras) or None,
-                           max_steps=cfg.max_steps or None)
+    env_config = EnvConfig(image_size=cfg.image_size or 96, cameras=tuple(cfg.cameras) or None,
+                           max_steps=cfg.max_steps or None, render=cfg.image_size > 0)
     env = cached_env(cfg.suite, task, env_config)
     frames: list[np.ndarray] = []
     subtasks: list[str] = []
@@ -135,6 +135,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     tasks = resolve_tasks(cfg.suite, list(cfg.tasks) or None)
     if cfg.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {cfg.episodes}")
+    if cfg.image_size < 0:
+        raise ValueError(f"--image-size must be >= 0, got {cfg.image_size}")
     if cfg.replan_every < 0:
         raise ValueError(f"--replan-every must be >= 0, got {cfg.replan_every}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
@@ -142,7 +144,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = eval_seeds(cfg.episodes, cfg.seed)
-    jobs = [(t, s, (out / "videos" / f"{t.replace('/', '_')}_seed{s}.mp4") if i < cfg.videos else None)
+    videos = cfg.videos if cfg.image_size > 0 else 0
+    jobs = [(t, s, (out / "videos" / f"{t.replace('/', '_')}_seed{s}.mp4") if i < videos else None)
             for t in tasks for i, s in enumerate(seeds)]
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(jobs)))
     results: list[EpisodeResult] = []
