@@ -15,9 +15,8 @@ from physis.sim.suites import make_env
 _ENVS: dict[tuple[str, str, EnvConfig], SimEnv] = {}
 
 
-@atexit.register
 def _close_cached_envs() -> None:
-    """Free GL contexts before the interpreter tears down the libraries they need (else EGL complains)."""
+    """Free GL contexts while the GL library is still up (else EGL complains at exit)."""
     while _ENVS:
         with contextlib.suppress(Exception):
             _ENVS.popitem()[1].close()
@@ -27,7 +26,13 @@ def cached_env(suite: str, task: str, config: EnvConfig) -> SimEnv:
     """One environment per (suite, task, config) per process: building one (and its GL context) is slow."""
     key = (suite, task, config)
     if key not in _ENVS:
-        _ENVS[key] = make_env(suite, task, config)
+        if not _ENVS:
+            # Registered after the GL backend's own exit handler, so it runs before it (atexit is LIFO).
+            atexit.unregister(_close_cached_envs)
+            _ENVS[key] = make_env(suite, task, config)
+            atexit.register(_close_cached_envs)
+        else:
+            _ENVS[key] = make_env(suite, task, config)
     return _ENVS[key]
 
 
