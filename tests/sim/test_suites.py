@@ -39,7 +39,7 @@ def test_observation_format(env):
     for g in spec.state:
         assert obs["state"][g.name].shape == (g.size,) and obs["state"][g.name].dtype == np.float32
     assert state_vector(obs, spec).shape == (spec.state_dim,)
-    assert env.observation_space["images"].contains(obs["images"])
+    assert env.observation_space.contains(obs)
 
 
 def test_steps_until_the_limit(env):

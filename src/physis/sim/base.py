@@ -13,6 +13,7 @@ simulator state (object poses, goals); experts do, through the environment they 
 from __future__ import annotations
 
 import abc
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -89,7 +90,7 @@ class SimEnv(gym.Env, abc.ABC):
         self.observation_space = gym.spaces.Dict({
             "images": gym.spaces.Dict(images),
             "state": gym.spaces.Dict(state),
-            "instruction": gym.spaces.Text(max_length=512),
+            "instruction": gym.spaces.Text(max_length=512, charset=string.printable),
         })
 
     # --- hooks for subclasses -------------------------------------------------------------------
