@@ -23,7 +23,7 @@ from physis.embodiment import (
 EXPECTED_DIMS = {  # name -> (action_dim, state_dim)
     "metaworld_sawyer": (4, 4),
     "fetch": (4, 10),
-    "shadow_hand": (20, 63),
+    "shadow_hand": (20, 78),
     "pointmaze": (2, 4),
     "pusht": (2, 2),
     "aloha": (14, 14),
@@ -88,7 +88,7 @@ def test_builtin_details():
     assert sawyer.action[0].mode == "delta" and sawyer.action[1].mode == "absolute"
     hand = load_embodiment("shadow_hand")
     assert hand.state_names[:2] == ["joint_pos.0", "joint_pos.1"]
-    assert hand.state_names[-1] == "fingertip_pos.14"
+    assert hand.state_names[-1] == "target_fingertip_pos.14"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,8 +99,9 @@ def test_space_for_all_builtins(space):
     assert space.kinds[: len(KNOWN_KINDS)] == tuple(KNOWN_KINDS.items())
     assert space.kinds[len(KNOWN_KINDS):] == (
         ("eef_vel", 3), ("gripper_vel", 2), ("planar_vel", 2), ("hand_joint_vel", 24), ("fingertip_pos", 15),
+        ("fingertip_goal", 15),
     )
-    assert space.dim == 109 == len(space.slot_names())
+    assert space.dim == 124 == len(space.slot_names())
     assert space.block("eef_pos") == slice(0, 6)
     assert space.block("gripper") == slice(32, 34)
     assert space.slot_names()[32] == "gripper.0"
@@ -265,10 +266,10 @@ def test_spec_dict_keeps_offsets_names_and_infinities():
 def test_unified_space_dict_round_trip(space):
     d = space.to_dict()
     assert d["kinds"][0] == ["eef_pos", 6]
-    assert d["kinds"][-1] == ["fingertip_pos", 15]
+    assert d["kinds"][-1] == ["fingertip_goal", 15]
     restored = UnifiedSpace.from_dict(json.loads(json.dumps(d)))
     assert restored == space
-    assert restored.dim == 109
+    assert restored.dim == 124
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

@@ -25,4 +25,5 @@ def test_refuses_to_cross_into_the_other_range():
 
 
 def test_seed_ranges_for_metadata():
-    assert seed_ranges() == {"train": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop], "eval": [EVAL_SEEDS.start, EVAL_SEEDS.stop]}
+    ranges = seed_ranges()
+    assert ranges == {"train": [TRAIN_SEEDS.start, TRAIN_SEEDS.stop], "eval": [EVAL_SEEDS.start, EVAL_SEEDS.stop]}

@@ -46,7 +46,7 @@ def test_steps_until_the_limit(env):
     env.reset(seed=1_000_001)
     lo, hi = env.embodiment.action_limits()
     action = (np.where(np.isfinite(lo), lo, -1) + np.where(np.isfinite(hi), hi, 1)) / 2
-    for i in range(5):
+    for _ in range(5):
         obs, reward, terminated, truncated, info = env.step(action)
         assert isinstance(info["success"], bool) and np.isfinite(reward)
         if terminated:
