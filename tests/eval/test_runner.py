@@ -32,6 +32,16 @@ def test_expert_on_two_tasks_in_parallel(tmp_path):
     assert (tmp_path / "success.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("suite", ["fetch", "hand/reach", "pointmaze/bimodal", "pusht"])
+def test_expert_through_eval_on_every_suite(tmp_path, suite):
+    cfg = EvalConfig(suite=suite, episodes=1, policy="expert", out=tmp_path, workers=1, image_size=0,
+                     progress=False)
+    results = evaluate(cfg)
+    for name, r in results["tasks"].items():
+        assert r["errors"] == 0, r["error_examples"]
+        assert r["successes"] == 1, name
+
+
 class CountingPolicy:
     """Zero actions in chunks of 4; counts how often it is asked."""
 

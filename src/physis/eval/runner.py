@@ -71,9 +71,9 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
     subtasks: list[str] = []
     steps = 0
     try:
-        policy = _policy(cfg, env)
-        policy.reset()
         obs, _ = env.reset(seed=seed)
+        policy = _policy(cfg, env)  # after the reset: experts read the episode's simulator state
+        policy.reset()
         done = False
         while not done:
             output = policy.infer(obs)

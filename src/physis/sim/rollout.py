@@ -26,13 +26,10 @@ def cached_env(suite: str, task: str, config: EnvConfig) -> SimEnv:
     """One environment per (suite, task, config) per process: building one (and its GL context) is slow."""
     key = (suite, task, config)
     if key not in _ENVS:
-        if not _ENVS:
-            # Registered after the GL backend's own exit handler, so it runs before it (atexit is LIFO).
-            atexit.unregister(_close_cached_envs)
-            _ENVS[key] = make_env(suite, task, config)
-            atexit.register(_close_cached_envs)
-        else:
-            _ENVS[key] = make_env(suite, task, config)
+        _ENVS[key] = make_env(suite, task, config)
+        # (Re-)registered after the GL backend's own exit handler, so it runs first (atexit is LIFO).
+        atexit.unregister(_close_cached_envs)
+        atexit.register(_close_cached_envs)
     return _ENVS[key]
 
 
