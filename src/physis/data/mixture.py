@@ -43,13 +43,15 @@ class MixtureSource:
 class DatasetMixture(torch.utils.data.Dataset):
     def __init__(self, sources: Sequence[MixtureSource], history: int = 1, chunk: int = 16,
                  image_size: tuple[int, int] = (96, 96), num_cameras: int | None = None,
-                 space: UnifiedSpace | None = None, **dataset_kwargs: Any):
+                 space: UnifiedSpace | None = None, future_offset: int | None = None, **dataset_kwargs: Any):
         if not sources:
             raise ValueError("a mixture needs at least one source")
         weights = np.array([s.weight for s in sources], dtype=np.float64)
         if (weights <= 0).any() or not np.isfinite(weights).all():
             raise ValueError(f"source weights must be positive and finite, got {weights.tolist()}")
         self.sources = list(sources)
+        self.history = history
+        self.future_offset = future_offset  # also return the frame this many steps ahead (world-model target)
         self.space = UnifiedSpace.for_specs([s.embodiment for s in sources], base=space)
         self.image_size = tuple(image_size)
         self.embodiments = [s.embodiment.name for s in sources]
@@ -76,7 +78,8 @@ class DatasetMixture(torch.utils.data.Dataset):
         fps = probe.fps
         deltas = {s.action_key: steps_to_seconds(range(chunk), fps),
                   s.state_key: steps_to_seconds(range(1 - history, 1), fps)}
-        deltas.update({c: steps_to_seconds(range(1 - history, 1), fps) for c in cams})
+        frames = list(range(1 - history, 1)) + ([self.future_offset] if self.future_offset is not None else [])
+        deltas.update({c: steps_to_seconds(frames, fps) for c in cams})
         self.cameras.append(cams)
         self._maps.append((self.space.state_map(s.embodiment), self.space.action_map(s.embodiment)))
         self._normalizers.append(Normalizer(probe.stats, s.normalize) if s.normalize else None)
@@ -109,7 +112,15 @@ class DatasetMixture(torch.utils.data.Dataset):
             "task": sample["task"],
             "subtask": sample.get("subtask", ""),
         }
-        out["observation.images"], out["image_mask"] = self._stack_cameras(sample, self.cameras[src])
+        images, out["image_mask"] = self._stack_cameras(sample, self.cameras[src])
+        if self.future_offset is not None:  # the last frame of each camera is the future one
+            out["future.images"] = images[:, -1]
+            cams = self.cameras[src]
+            out["future_is_pad"] = sample[f"{cams[0]}_is_pad"][-1] if cams else torch.tensor(True)
+            images = images[:, :-1]
+        out["observation.images"] = images
+        out["frame_index"] = sample["frame_index"]
+        out["episode_length"] = torch.tensor(ds.episode_of(j).length)
         return out
 
     def _stack_cameras(self, sample: dict[str, Any], cams: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -181,6 +181,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
             seconds = time.perf_counter() - start
             summary = CollectSummary(Path(cfg.out), cfg.suite, tallies, seconds, workers)
             writer.write_meta_json(COLLECTION_META, _collection_meta(cfg, spec, cameras, summary, episode_log))
+            writer.write_meta_json("embodiment.json", spec.to_dict())  # the dataset says which robot made it
     except BaseException:
         if isinstance(executor, ProcessPoolExecutor):
             executor.shutdown(wait=False, cancel_futures=True)
