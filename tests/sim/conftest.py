@@ -1,3 +1,0 @@
-import os
-
-os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for every suite
