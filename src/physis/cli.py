@@ -16,6 +16,7 @@ from rich.table import Table
 from physis.data.benchmark import DataBenchConfig
 from physis.eval.runner import EvalConfig
 from physis.sim.collect import CollectConfig
+from physis.train.run import TrainCommand
 
 console = Console()
 _CONFIG = (tyro.conf.OmitArgPrefixes,)  # `--out DIR`, not `--cfg.out DIR`
@@ -136,6 +137,16 @@ def eval(cfg: EvalConfig) -> None:  # noqa: A001 -- the command is called eval
                   f"results in {Path(cfg.out) / 'results.json'}")
 
 
+def train(cmd: TrainCommand) -> None:
+    """Train physis on LeRobot v3.0 datasets; checkpoints in OUT/checkpoints, metrics in OUT/metrics.jsonl."""
+    from physis.train.run import train as run
+
+    s = run(cmd)
+    console.print(f"trained {s['steps']} steps ({s['params_trainable']:,} of {s['params_total']:,} parameters "
+                  f"trainable) in {s['wall_s'] / 60:.1f} min: {s['samples_per_s']:.0f} samples/s, final loss "
+                  f"{s['final_loss']:.4f}, peak memory {s['peak_rss_mb']:.0f} MB; checkpoint {s['checkpoint']}")
+
+
 @dataclass(frozen=True)
 class Quickstart:
     out: Path = Path("outputs/quickstart")
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                                                  config=_CONFIG)
             return
         tyro.extras.subcommand_cli_from_dict(
-            {"quickstart": quickstart, "collect": collect, "eval": eval, "suites": suites,
+            {"quickstart": quickstart, "collect": collect, "train": train, "eval": eval, "suites": suites,
              "embodiments": embodiments, "dataset": dataset, "bench": _bench_help},
             args=args, prog="physis", config=_CONFIG,
             description="physis: an end-to-end foundation model for the physical world.")

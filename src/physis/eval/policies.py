@@ -79,17 +79,16 @@ def make_policy(name: str, env: SimEnv, checkpoint: Path | None = None) -> Chunk
     raise ValueError(f"unknown policy {name!r}: use expert, random, module:factory, or --checkpoint RUN")
 
 
-_CHECKPOINTS: dict[Path, Any] = {}
+_CHECKPOINTS: dict[tuple[Path, str], Any] = {}
 
 
 def _checkpoint_policy(path: Path, env: SimEnv) -> ChunkPolicy:
-    try:
-        runtime = importlib.import_module("physis.runtime")
-    except ImportError as e:
-        raise ValueError(f"cannot load checkpoint {path}: this build of physis has no model runtime yet") from e
-    if path not in _CHECKPOINTS:  # one model per worker process; episodes run one after another
-        _CHECKPOINTS[path] = runtime.Policy.from_checkpoint(path)
-    return _CHECKPOINTS[path]
+    from physis.runtime import Policy
+
+    key = (path, env.embodiment.name)
+    if key not in _CHECKPOINTS:  # one model per worker process and robot; episodes run one after another
+        _CHECKPOINTS[key] = Policy.from_checkpoint(path, embodiment=env.embodiment.name)
+    return _CHECKPOINTS[key]
 
 
 def as_chunk(output: Mapping[str, Any] | np.ndarray, action_dim: int) -> np.ndarray:

@@ -52,6 +52,7 @@ Batches = Iterable[dict[str, Any]] | Callable[[int], Iterable[dict[str, Any]]]
 @dataclass
 class TrainConfig:
     steps: int = 1000
+    max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0: no limit
     batch_size: int = 32  # per process; read by the batch source
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -251,8 +252,11 @@ class Trainer:
                     if main:
                         self._log(writer, means)
                     window, window_samples, window_start = {}, 0, time.perf_counter()
-                if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps:
+                out_of_time = cfg.max_minutes > 0 and time.perf_counter() - start > 60 * cfg.max_minutes
+                if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps or out_of_time:
                     last_saved = self.save()
+                if out_of_time:  # the time budget ends the run early, with a checkpoint of where it got to
+                    break
 
         wall = time.perf_counter() - start
         if writer is not None:

@@ -1,0 +1,130 @@
+"""ModelConfig: every size and switch of PhysisModel, JSON round-trippable, with named presets.
+
+A checkpoint stores `config.to_dict()`; `ModelConfig.from_dict` rebuilds the same model. Presets are data
+(`PRESETS`), overridable field by field: `ModelConfig.preset("small", action_dim=63, state_dim=63)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ActionHead = Literal["flow", "mse"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset_name: str = "small"  # the preset this config started from (ModelConfig.preset)
+    # trunk (serves prefix + subtask tokens)
+    width: int = 192
+    depth: int = 4
+    heads: int = 6
+    mlp_ratio: float = 4.0
+    # action expert (serves action + future tokens); one expert layer per trunk layer, same heads/head dim
+    expert_width: int = 128
+    expert_mlp_ratio: float = 4.0
+    # image tokenizer
+    image_size: int = 96
+    patch_size: int = 12
+    stem_channels: int = 32
+    # world-model latent: the patch grid pooled to latent_grid x latent_grid, latent_dim per cell
+    latent_grid: int = 4
+    latent_dim: int = 16
+    decoder_channels: int = 64
+    # data layout
+    action_dim: int = 63
+    state_dim: int = 63
+    horizon: int = 16
+    cameras: int = 1
+    history: int = 1
+    num_embodiments: int = 1
+    text_dim: int = 384
+    max_text_tokens: int = 32
+    # heads
+    action_head: ActionHead = "flow"
+    world_model: bool = True
+    subtask: bool = True
+    progress: bool = True
+    progress_loss: Literal["bce", "mse"] = "bce"
+    subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
+    max_subtask_tokens: int = 12
+    future_offset: int | None = None  # None: horizon (the frame just after the chunk)
+    flow_steps: int = 10
+    # loss weights
+    action_weight: float = 1.0
+    world_model_weight: float = 0.5
+    recon_weight: float = 0.5
+    subtask_weight: float = 0.1
+    progress_weight: float = 0.5
+    # optional Hugging Face backbone for prefix tokens: "hf:/local/dir"
+    backbone: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "subtask_vocab", tuple(self.subtask_vocab))
+        if self.future_offset is None:
+            object.__setattr__(self, "future_offset", self.horizon)
+        if self.action_head not in ("flow", "mse"):
+            raise ValueError(f"ModelConfig.action_head: expected 'flow' or 'mse', found {self.action_head!r}")
+        if self.progress_loss not in ("bce", "mse"):
+            raise ValueError(f"ModelConfig.progress_loss: expected 'bce' or 'mse', found {self.progress_loss!r}")
+        if self.width % self.heads:
+            raise ValueError(f"ModelConfig: width {self.width} is not divisible by heads {self.heads}")
+        if self.patch_size % 2 or self.image_size % self.patch_size:
+            raise ValueError(
+                f"ModelConfig: patch_size {self.patch_size} must be even and divide image_size {self.image_size}"
+            )
+        if self.image_size % 8:
+            raise ValueError(f"ModelConfig: image_size {self.image_size} must be a multiple of 8 (decoder)")
+        if self.latent_grid > self.image_size // self.patch_size:
+            raise ValueError(f"ModelConfig: latent_grid {self.latent_grid} exceeds the patch grid {self.patch_grid}")
+        if self.backbone is not None and not self.backbone.startswith("hf:"):
+            raise ValueError(f"ModelConfig.backbone: expected 'hf:/local/dir', found {self.backbone!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def patch_grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["subtask_vocab"] = list(self.subtask_vocab)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig.from_dict: unknown fields {unknown}")
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"ModelConfig.preset: unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset_name": name, **overrides})
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Sizes only; everything else keeps the dataclass defaults. Parameter counts (63-D action/state, no vocab):
+# tiny ~0.3 M (tests), small ~3.5 M (CPU default), base ~100 M (GPU).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        width=64, depth=2, heads=4, expert_width=48, patch_size=8, stem_channels=16,
+        latent_grid=2, latent_dim=8, decoder_channels=16,
+    ),
+    "small": dict(
+        width=192, depth=4, heads=6, expert_width=128, patch_size=12, stem_channels=32,
+        latent_grid=4, latent_dim=16, decoder_channels=64,
+    ),
+    "base": dict(
+        width=640, depth=12, heads=10, expert_width=448, patch_size=8, stem_channels=64,
+        latent_grid=4, latent_dim=32, decoder_channels=128,
+    ),
+}  # fmt: skip

@@ -1,0 +1,384 @@
+"""PhysisModel: one trunk that acts (flow-matching action chunks), predicts (future frame latents),
+reasons (the next subtask, in words) and judges (task progress).
+
+Token layout and attention (see docs/architecture.md):
+  prefix   = image patches, instruction, state, embodiment     bidirectional          (trunk)
+  subtask  = BOS w1 .. wn EOS                                  causal, sees prefix    (trunk)
+  action   = H noisy action tokens + flow time                 see prefix + subtask   (action expert)
+  future   = noisy frame latents + flow time                   see all of the above   (action expert)
+The action expert is a smaller set of weights whose layer l attends to the trunk's layer-l keys/values, so
+at inference the prefix is encoded once (`encode_prefix`) and each flow step runs only the expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from physis.model.config import ModelConfig
+from physis.model.tokenizers import FrameDecoder, PrefixTokenizer
+from physis.model.trunk import (
+    Block,
+    PrefixCache,
+    expert_attention_mask,
+    key_mask,
+    subtask_attention_mask,
+)
+from physis.model.vocab import BOS, EOS, PAD, SPECIALS
+
+Batch = dict[str, torch.Tensor]
+
+
+def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of flow time t (B,) in [0, 1] -> (B, dim); periods from 4e-3 to 4 (as in π0)."""
+    half = dim // 2
+    frac = torch.linspace(0.0, 1.0, half, device=t.device, dtype=torch.float32)
+    period = 4e-3 * (4.0 / 4e-3) ** frac
+    angle = t.float()[:, None] * (2 * math.pi / period)
+    emb = torch.cat([angle.sin(), angle.cos()], dim=-1)
+    return F.pad(emb, (0, dim - 2 * half))
+
+
+def sample_flow_time(n: int, device: torch.device) -> torch.Tensor:
+    """t ~ Beta(1.5, 1) scaled to (0.001, 1]: more weight on noisy times, never exactly clean."""
+    beta = torch.distributions.Beta(torch.tensor(1.5, device=device), torch.tensor(1.0, device=device))
+    return beta.sample((n,)) * 0.999 + 0.001
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values over mask (same shape, bool); 0 with a live graph when nothing is valid."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class PhysisModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        cfg = self.config = config
+        d, de, hd = cfg.width, cfg.expert_width, cfg.head_dim
+        self.prefix = PrefixTokenizer(cfg)
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, hd, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(d)
+        self.expert = nn.ModuleList(Block(de, cfg.heads, hd, cfg.expert_mlp_ratio) for _ in range(cfg.depth))
+        self.expert_norm = nn.LayerNorm(de)
+
+        a = cfg.action_dim
+        self.action_in = nn.Linear(2 * a, de)  # (noisy action, action mask)
+        self.action_pos = nn.Parameter(torch.randn(cfg.horizon, de) * 0.02)
+        if cfg.action_head == "flow":
+            self.action_time = nn.Sequential(nn.Linear(2 * de, de), nn.SiLU(), nn.Linear(de, de))
+        self.action_out = nn.Linear(de, a)
+
+        if cfg.subtask:
+            self.vocab_size = len(SPECIALS) + len(cfg.subtask_vocab)
+            self.subtask_emb = nn.Embedding(self.vocab_size, d)
+            self.subtask_pos = nn.Parameter(torch.randn(cfg.max_subtask_tokens, d) * 0.02)
+            self.subtask_out = nn.Linear(d, self.vocab_size)
+        if cfg.progress:
+            self.progress_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        if cfg.world_model:
+            n_future = cfg.cameras * cfg.latent_grid**2
+            self.future_in = nn.Linear(cfg.latent_dim, de)
+            self.future_pos = nn.Parameter(torch.randn(n_future, de) * 0.02)
+            self.future_time = nn.Sequential(nn.Linear(2 * de, de), nn.SiLU(), nn.Linear(de, de))
+            self.future_out = nn.Linear(de, cfg.latent_dim)
+            self.decoder = FrameDecoder(cfg)
+
+        self.apply(_init_weights)
+        self.backbone = None
+        if cfg.backbone is not None:
+            from transformers import AutoModel
+
+            self.backbone = AutoModel.from_pretrained(cfg.backbone.removeprefix("hf:"), local_files_only=True)
+            hidden = int(self.backbone.config.hidden_size)
+            self.backbone_in = nn.Linear(d, hidden)
+            self.backbone_out = nn.Linear(hidden, d)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ------------------------------------------------------------------ trunk and expert
+    def _trunk_prefix(
+        self, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Prefix tokens (B, N, D) -> per-layer keys, values (B, heads, N, hd) and final hidden (B, N, D)."""
+        keys, values = [], []
+        if self.backbone is not None:
+            out = self.backbone(
+                inputs_embeds=self.backbone_in(tokens), attention_mask=mask.long(), output_hidden_states=True
+            )
+            states = out.hidden_states  # embeddings + one per backbone layer
+            n = len(states) - 1
+            for i, block in enumerate(self.blocks):
+                k, v = block.kv(self.backbone_out(states[min(n, (i + 1) * n // len(self.blocks))]))
+                keys.append(k)
+                values.append(v)
+            return keys, values, self.norm(self.backbone_out(states[-1]))
+        attn = key_mask(mask, tokens.shape[1])
+        x = tokens
+        for block in self.blocks:
+            x, k, v = block(x, attn)
+            keys.append(k)
+            values.append(v)
+        return keys, values, self.norm(x)
+
+    def _trunk_extend(
+        self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], ctx_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Causal subtask tokens x (B, n, D) after a cached prefix -> (hidden, keys, values incl. prefix)."""
+        attn = subtask_attention_mask(ctx_mask, x.shape[1])
+        new_k, new_v = [], []
+        for block, ck, cv in zip(self.blocks, keys, values, strict=True):
+            x, k, v = block(x, attn, ck, cv)
+            new_k.append(torch.cat([ck, k], dim=2))
+            new_v.append(torch.cat([cv, v], dim=2))
+        return self.norm(x), new_k, new_v
+
+    def _expert(self, x: torch.Tensor, cache: PrefixCache, n_action: int) -> torch.Tensor:
+        """Expert tokens x (B, n, De): the first n_action are action tokens, the rest future tokens."""
+        attn = expert_attention_mask(cache.mask, n_action, x.shape[1] - n_action)
+        for block, ck, cv in zip(self.expert, cache.keys, cache.values, strict=True):
+            x, _, _ = block(x, attn, ck, cv)
+        return self.expert_norm(x)
+
+    def _action_tokens(self, x: torch.Tensor, t: torch.Tensor | None, action_mask: torch.Tensor) -> torch.Tensor:
+        # x (B, H, A) noisy actions (flow) or clean / zero actions; t (B,) flow time or None (mse head)
+        m = action_mask.to(x.dtype)[:, None].expand_as(x)
+        tok = self.action_in(torch.cat([x, m], dim=-1))
+        if self.config.action_head == "flow":
+            t = torch.zeros(x.shape[0], device=x.device) if t is None else t
+            temb = time_embedding(t, tok.shape[-1])[:, None].expand_as(tok)
+            tok = self.action_time(torch.cat([tok, temb], dim=-1))
+        return tok + self.action_pos[: x.shape[1]]
+
+    def _future_tokens(self, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        # z (B, C*G, latent_dim) noisy latents, tau (B,)
+        tok = self.future_in(z)
+        temb = time_embedding(tau, tok.shape[-1])[:, None].expand_as(tok)
+        return self.future_time(torch.cat([tok, temb], dim=-1)) + self.future_pos[: z.shape[1]]
+
+    def predict_velocity(self, cache: PrefixCache, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """Flow velocity (B, H, A) at noisy actions x and time t (B,); with the mse head, the actions."""
+        out = self._expert(self._action_tokens(x, t, cache.action_mask), cache, x.shape[1])
+        return self.action_out(out)
+
+    def _future_velocity(
+        self, cache: PrefixCache, actions: torch.Tensor, z: torch.Tensor, tau: torch.Tensor
+    ) -> torch.Tensor:
+        """Velocity (B, C*G, latent_dim) for noisy future latents z, given clean actions (B, H, A)."""
+        tokens = torch.cat([self._action_tokens(actions, None, cache.action_mask), self._future_tokens(z, tau)], 1)
+        return self.future_out(self._expert(tokens, cache, actions.shape[1])[:, actions.shape[1] :])
+
+    # ------------------------------------------------------------------ training
+    def _encode(self, batch: Batch) -> tuple[PrefixCache, torch.Tensor, torch.Tensor]:
+        """Prefix cache plus the prefix hidden states and patch features (for the world model)."""
+        tokens, mask, feats = self.prefix(batch)
+        keys, values, hidden = self._trunk_prefix(tokens, mask)
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        b = tokens.shape[0]
+        action_mask = batch.get("action_mask")
+        if action_mask is None:
+            action_mask = torch.ones(b, self.config.action_dim, dtype=torch.bool, device=tokens.device)
+        cache = PrefixCache(
+            keys, values, mask, pooled, action_mask.bool(), prefix_len=mask.shape[1], cameras=batch["images"].shape[1]
+        )
+        return cache, hidden, feats
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses per head ("action", "subtask", "progress", "world_model", "recon") and their weighted "loss".
+
+        A head's loss is present when the head is on and its targets are in the batch.
+        """
+        cfg = self.config
+        cache, _, feats = self._encode(batch)
+        losses: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+
+        if cfg.progress and "progress" in batch:
+            pred = self.progress_head(cache.pooled).squeeze(-1)
+            target = batch["progress"].to(pred.dtype)
+            if cfg.progress_loss == "bce":
+                losses["progress"] = F.binary_cross_entropy_with_logits(pred, target)
+            else:
+                losses["progress"] = F.mse_loss(pred, target)
+            weights["progress"] = cfg.progress_weight
+
+        if cfg.subtask and "subtask_tokens" in batch:
+            losses["subtask"], cache = self._subtask_loss(batch, cache)
+            weights["subtask"] = cfg.subtask_weight
+
+        if "actions" in batch:
+            valid = cache.action_mask[:, None, :] & ~batch["action_is_pad"].bool()[:, :, None]  # (B, H, A)
+            actions = batch["actions"] * valid  # masked targets never reach the network's input either
+            if cfg.action_head == "flow":
+                noise = torch.randn_like(actions)
+                t = sample_flow_time(actions.shape[0], actions.device)
+                x_t = t[:, None, None] * noise + (1 - t[:, None, None]) * actions
+                err = self.predict_velocity(cache, x_t, t) - (noise - actions)
+            else:
+                err = self.predict_velocity(cache, torch.zeros_like(actions), None) - actions
+            losses["action"] = masked_mean(err.square(), valid)
+            weights["action"] = cfg.action_weight
+
+            if cfg.world_model and "future_images" in batch:
+                losses["world_model"], losses["recon"] = self._world_model_losses(batch, cache, actions, feats)
+                weights["world_model"], weights["recon"] = cfg.world_model_weight, cfg.recon_weight
+
+        total = cache.pooled.new_zeros(())
+        for name, weight in weights.items():
+            total = total + weight * losses[name]
+        losses["loss"] = total
+        return losses
+
+    def _subtask_loss(self, batch: Batch, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
+        """Teacher-forced next-token cross entropy; returns the cache extended by the subtask tokens."""
+        ids = batch["subtask_tokens"].long()  # (B, Ls)
+        valid = batch["subtask_valid"].bool()
+        x = self.subtask_emb(ids) + self.subtask_pos[: ids.shape[1]]
+        hidden, keys, values = self._trunk_extend(x, cache.keys, cache.values, cache.mask)
+        logits = self.subtask_out(hidden[:, :-1])
+        target = ids[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (B, Ls-1)
+        loss = masked_mean(ce, (target != PAD) & valid[:, None])
+        sub_mask = (ids != PAD) & valid[:, None]  # action tokens read only real, labelled subtasks
+        cache = PrefixCache(
+            keys, values, torch.cat([cache.mask, sub_mask], 1), cache.pooled, cache.action_mask,
+            cache.prefix_len, cache.cameras, ids,
+        )  # fmt: skip
+        return loss, cache
+
+    def _world_model_losses(
+        self, batch: Batch, cache: PrefixCache, actions: torch.Tensor, feats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flow matching on the future frame's latent (stop-gradient target) + reconstruction of current frames."""
+        images, cam_mask = batch["images"], batch["image_mask"].bool()  # (B, C, T, 3, h, w), (B, C)
+        b, c, t = images.shape[:3]
+        enc = self.prefix.patches
+        # reconstruction of the newest current frame teaches the encoder's latent + decoder to keep the image
+        current = feats.view(b, c, t, *feats.shape[1:])[:, :, -1].flatten(0, 1)
+        recon = self.decoder(enc.latent(current)).view(b, c, *images.shape[-3:])
+        recon_err = (recon - images[:, :, -1]).square().mean(dim=(2, 3, 4))
+        recon_loss = masked_mean(recon_err, cam_mask)
+
+        with torch.no_grad():
+            target = enc.latent(enc.features(batch["future_images"].flatten(0, 1)))  # (B*C, G, ld)
+        target = target.view(b, -1, target.shape[-1])  # (B, C*G, ld)
+        noise = torch.randn_like(target)
+        tau = sample_flow_time(b, target.device)
+        z = tau[:, None, None] * noise + (1 - tau[:, None, None]) * target
+        err = (self._future_velocity(cache, actions, z, tau) - (noise - target)).square().mean(-1)  # (B, C*G)
+        g = target.shape[1] // c
+        valid = (cam_mask & batch["future_valid"].bool()[:, None])[:, :, None].expand(b, c, g).reshape(b, -1)
+        return masked_mean(err, valid), recon_loss
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def encode_prefix(self, batch: Batch) -> PrefixCache:
+        """Per-layer K/V of the observation's prefix tokens, computed once per chunk."""
+        return self._encode(batch)[0]
+
+    @torch.no_grad()
+    def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
+        """Greedy subtask ids (B, Ls) = BOS w.. EOS PAD.., and the cache extended by them."""
+        if not self.config.subtask:
+            raise RuntimeError("PhysisModel.generate_subtask: this model was built with subtask=False")
+        base = cache.prefix_only()
+        b, n = base.batch_size, self.config.max_subtask_tokens
+        ids = torch.full((b, n), PAD, dtype=torch.long, device=base.mask.device)
+        ids[:, 0] = BOS
+        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+        for i in range(1, n):
+            x = self.subtask_emb(ids[:, :i]) + self.subtask_pos[:i]
+            hidden, _, _ = self._trunk_extend(x, base.keys, base.values, base.mask)
+            logits = self.subtask_out(hidden[:, -1])
+            logits[:, [PAD, BOS]] = float("-inf")
+            nxt = torch.where(done, PAD, logits.argmax(-1))
+            ids[:, i] = nxt
+            done |= nxt == EOS
+            if bool(done.all()):
+                break
+        x = self.subtask_emb(ids) + self.subtask_pos[:n]
+        _, keys, values = self._trunk_extend(x, base.keys, base.values, base.mask)
+        extended = PrefixCache(
+            keys, values, torch.cat([base.mask, ids != PAD], 1), base.pooled, base.action_mask,
+            base.prefix_len, base.cameras, ids,
+        )  # fmt: skip
+        return ids, extended
+
+    @torch.no_grad()
+    def sample_actions(
+        self,
+        batch: Batch | None = None,
+        steps: int | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        cache: PrefixCache | None = None,
+    ) -> torch.Tensor:
+        """An action chunk (B, H, A), zero outside the action mask: K Euler steps from t=1 (noise) to t=0."""
+        if cache is None:
+            if batch is None:
+                raise ValueError("PhysisModel.sample_actions: pass a batch or a cache")
+            cache = self.encode_prefix(batch)
+        b, cfg = cache.batch_size, self.config
+        shape = (b, cfg.horizon, cfg.action_dim)
+        keep = cache.action_mask[:, None, :].float()
+        if cfg.action_head == "mse":
+            return self.predict_velocity(cache, torch.zeros(shape, device=keep.device), None) * keep
+        steps = steps or cfg.flow_steps
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=keep.device)
+        dt = 1.0 / steps
+        for i in range(steps):
+            t = torch.full((b,), 1.0 - i * dt, device=x.device)
+            x = x - dt * self.predict_velocity(cache, x, t)
+        return x * keep
+
+    @torch.no_grad()
+    def predict_progress(self, cache: PrefixCache) -> torch.Tensor:
+        """Task progress (B,) in [0, 1] from the pooled prefix."""
+        if not self.config.progress:
+            raise RuntimeError("PhysisModel.predict_progress: this model was built with progress=False")
+        out = self.progress_head(cache.pooled).squeeze(-1)
+        return torch.sigmoid(out) if self.config.progress_loss == "bce" else out.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def sample_future(
+        self,
+        cache: PrefixCache,
+        actions: torch.Tensor,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Future frame latents (B, C, G, latent_dim) `future_offset` steps after the chunk `actions` (B, H, A)."""
+        if not self.config.world_model:
+            raise RuntimeError("PhysisModel.sample_future: this model was built with world_model=False")
+        cfg = self.config
+        b, g = actions.shape[0], cfg.latent_grid**2
+        shape = (b, cache.cameras * g, cfg.latent_dim)
+        z = noise if noise is not None else torch.randn(shape, generator=generator, device=actions.device)
+        actions = actions * cache.action_mask[:, None, :]
+        steps = steps or cfg.flow_steps
+        dt = 1.0 / steps
+        for i in range(steps):
+            tau = torch.full((b,), 1.0 - i * dt, device=z.device)
+            z = z - dt * self._future_velocity(cache, actions, z, tau)
+        return z.view(b, cache.cameras, g, cfg.latent_dim)
+
+    @torch.no_grad()
+    def decode_future(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, G, latent_dim) -> frames (B, C, 3, h, w) in [0, 1], for people to look at."""
+        b, c = latents.shape[:2]
+        frames = self.decoder(latents.flatten(0, 1))
+        return frames.view(b, c, *frames.shape[1:])
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

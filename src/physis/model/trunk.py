@@ -1,0 +1,133 @@
+"""The trunk (prefix + subtask tokens) and the action expert (action + future tokens).
+
+Both are pre-norm transformers with the same number of layers, heads and head dim. Expert layer l attends
+to the trunk's layer-l keys/values (π0-style mixture of experts over one sequence), so the trunk never sees
+action tokens and its per-layer K/V can be computed once per observation and cached (`PrefixCache`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Mlp(nn.Sequential):
+    def __init__(self, dim: int, ratio: float) -> None:
+        hidden = int(dim * ratio)
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm attention + MLP block. Queries/keys/values live in `heads * head_dim` (the trunk's width)
+    whatever the block's own width, so trunk and expert tokens can attend to each other."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, mlp_ratio)
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]  # each (B, heads, n, head_dim)
+
+    def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of tokens x (B, n, dim) without running the block (used for a foreign backbone)."""
+        _, k, v = self._split(x)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        ctx_k: torch.Tensor | None = None,
+        ctx_v: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, n, dim) attends to [ctx, x] under bool mask (B, 1, n, n_ctx + n) (True = may attend).
+
+        Returns the new x and this block's own keys/values of x (B, heads, n, head_dim).
+        """
+        q, k, v = self._split(x)
+        keys = k if ctx_k is None else torch.cat([ctx_k, k], dim=2)
+        values = v if ctx_v is None else torch.cat([ctx_v, v], dim=2)
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.proj(att.transpose(1, 2).flatten(2))
+        x = x + self.mlp(self.norm2(x))
+        return x, k, v
+
+
+@dataclass
+class PrefixCache:
+    """Per-layer keys/values of the prefix [+ subtask] tokens, computed once per observation.
+
+    keys/values: one (B, heads, N, head_dim) tensor per layer; mask (B, N) marks keys actions may attend;
+    pooled (B, width) is the prefix summary the progress head reads; action_mask (B, A) the body's slots.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    pooled: torch.Tensor
+    action_mask: torch.Tensor
+    prefix_len: int
+    cameras: int = 1
+    subtask_ids: torch.Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    def prefix_only(self) -> PrefixCache:
+        """The cache without any subtask tokens appended."""
+        n = self.prefix_len
+        return replace(
+            self,
+            keys=[k[:, :, :n] for k in self.keys],
+            values=[v[:, :, :n] for v in self.values],
+            mask=self.mask[:, :n],
+            subtask_ids=None,
+        )
+
+    def repeat(self, n: int) -> PrefixCache:
+        """Each row repeated n times (row i -> rows i*n .. i*n+n-1), for sampling n candidates per observation."""
+
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.repeat_interleave(n, dim=0)
+
+        return replace(
+            self,
+            keys=[rep(k) for k in self.keys],
+            values=[rep(v) for v in self.values],
+            mask=rep(self.mask),
+            pooled=rep(self.pooled),
+            action_mask=rep(self.action_mask),
+            subtask_ids=rep(self.subtask_ids),
+        )
+
+
+def key_mask(mask: torch.Tensor, n_query: int) -> torch.Tensor:
+    """(B, N) key mask -> (B, 1, n_query, N) attention mask."""
+    return mask[:, None, None, :].expand(-1, 1, n_query, -1)
+
+
+def subtask_attention_mask(prefix_mask: torch.Tensor, n_sub: int) -> torch.Tensor:
+    """Subtask queries (B, 1, n_sub, N + n_sub): all valid prefix keys, and earlier-or-same subtask tokens."""
+    b, _ = prefix_mask.shape
+    causal = torch.ones(n_sub, n_sub, dtype=torch.bool, device=prefix_mask.device).tril()
+    return torch.cat([key_mask(prefix_mask, n_sub), causal.expand(b, 1, n_sub, n_sub)], dim=-1)
+
+
+def expert_attention_mask(ctx_mask: torch.Tensor, n_action: int, n_future: int) -> torch.Tensor:
+    """Action queries see the context and all action tokens; future queries see context, actions and futures."""
+    b = ctx_mask.shape[0]
+    n = n_action + n_future
+    own = torch.ones(n, n, dtype=torch.bool, device=ctx_mask.device)
+    own[:n_action, n_action:] = False
+    return torch.cat([key_mask(ctx_mask, n), own.expand(b, 1, n, n)], dim=-1)

@@ -1,0 +1,158 @@
+"""LeRobot datasets -> training batches in the model's format (see `model/` for the keys).
+
+Each dataset is read through `DatasetMixture` (unified space, masks, per-dataset normalization, the
+future frame for the world model); this module adds what the model needs on top: the instruction's
+frozen token embeddings, subtask token ids, task progress, and embodiment indices. Batches are a pure
+function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from physis.data.layout import DatasetFormatError, read_json
+from physis.data.mixture import DatasetMixture, MixtureSource
+from physis.data.stats import stats_to_json
+from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
+
+EMBODIMENT_META = "embodiment.json"  # written by `physis collect` beside info.json
+
+
+@dataclass
+class DataConfig:
+    horizon: int = 16  # action chunk length, in the dataset's own steps
+    history: int = 1  # image/state frames per sample
+    image_size: int = 96
+    future_offset: int | None = None  # world-model target frame, steps ahead of the current one; None: horizon
+    num_cameras: int | None = None  # None: the most any dataset has
+    state_norm: str = "mean_std"
+    action_norm: str = "quantile"
+    max_subtask_tokens: int = 12
+
+    @property
+    def future(self) -> int:
+        return self.future_offset if self.future_offset is not None else self.horizon
+
+
+def embodiment_for(root: str | Path, override: str | Path | None = None) -> EmbodimentSpec:
+    """The dataset's robot: an explicit spec, else meta/embodiment.json, else a built-in named by robot_type."""
+    root = Path(root)
+    if override is not None:
+        return load_embodiment(override)
+    meta = root / "meta" / EMBODIMENT_META
+    if meta.is_file():
+        return EmbodimentSpec.from_dict(json.loads(meta.read_text()), source=str(meta))
+    robot = read_json(root / "meta" / "info.json").get("robot_type")
+    if robot in builtin_names():
+        return load_embodiment(robot)
+    raise DatasetFormatError(f"{root}: cannot tell which robot recorded it (robot_type {robot!r} is not a built-in "
+                             f"embodiment and there is no meta/{EMBODIMENT_META}); pass an embodiment spec for it")
+
+
+class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batch `s` is drawn from a generator seeded by (seed, s): sources by weight, frames uniformly."""
+
+    def __init__(self, mixture: DatasetMixture, batch_size: int, seed: int, start_step: int, steps: int):
+        self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start_step, steps
+        self._offsets = np.cumsum([0] + [len(d) for d in mixture.datasets])
+        self._weights = mixture.weights
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lengths = np.diff(self._offsets)
+        for step in range(self.start, self.stop):
+            rng = np.random.default_rng([self.seed, step])
+            src = rng.choice(len(lengths), size=self.batch_size, p=self._weights)
+            frames = (rng.random(self.batch_size) * lengths[src]).astype(np.int64)
+            yield (self._offsets[src] + frames).tolist()
+
+
+class TrainingData:
+    """Datasets of one or more robots as a source of model batches."""
+
+    def __init__(self, roots: Sequence[str | Path], cfg: DataConfig | None = None,
+                 embodiments: Sequence[str | Path | None] | None = None, weights: Sequence[float] | None = None,
+                 space: UnifiedSpace | None = None, vocab: Any = None, text_encoder: Any = None):
+        from physis.model.text import TextEncoder
+        from physis.model.vocab import SubtaskVocab
+
+        if not roots:
+            raise ValueError("training needs at least one dataset")
+        self.cfg = cfg or DataConfig()
+        overrides = list(embodiments) if embodiments is not None else [None] * len(roots)
+        specs = [embodiment_for(r, o) for r, o in zip(roots, overrides, strict=True)]
+        norm = {"observation.state": self.cfg.state_norm, "action": self.cfg.action_norm}
+        sources = [MixtureSource(r, s, weight=w, normalize=norm)
+                   for r, s, w in zip(roots, specs, weights or [1.0] * len(roots), strict=True)]
+        self.mixture = DatasetMixture(sources, history=self.cfg.history, chunk=self.cfg.horizon,
+                                      image_size=(self.cfg.image_size, self.cfg.image_size),
+                                      num_cameras=self.cfg.num_cameras, space=space, future_offset=self.cfg.future)
+        self.space = self.mixture.space
+        names = list(dict.fromkeys(s.name for s in specs))  # one index per distinct robot
+        self.embodiments = [next(s for s in specs if s.name == n) for n in names]
+        self._embodiment_of_source = torch.tensor([names.index(s.name) for s in specs])
+        labels = [t for d in self.mixture.datasets for t in d.subtasks]
+        self.vocab = vocab if vocab is not None else SubtaskVocab.from_labels(labels)
+        self.text = text_encoder if text_encoder is not None else TextEncoder()
+        self.stats = {s.embodiment.name: {"modes": norm, "stats": stats_to_json(
+            {k: v for k, v in d.stats.items() if k in norm})} for s, d in zip(sources, self.mixture.datasets,
+                                                                                strict=True)}
+
+    @property
+    def num_cameras(self) -> int:
+        return self.mixture.num_cameras
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint must carry to rebuild inputs and outputs: robots, space, cameras, stats, vocab."""
+        return {
+            "data": asdict(self.cfg),
+            "embodiments": [s.to_dict() for s in self.embodiments],
+            "space": self.space.to_dict(),
+            "cameras": {s.embodiment.name: [k.removeprefix("observation.images.") for k in cams]
+                        for s, cams in zip(self.mixture.sources, self.mixture.cameras, strict=True)},
+            "num_cameras": self.num_cameras,
+            "stats": self.stats,
+        }
+
+    def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0,
+                num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Model batches for steps start_step .. steps-1, each a pure function of (seed, step)."""
+        sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps)
+        loader = torch.utils.data.DataLoader(self.mixture, batch_sampler=sampler, num_workers=num_workers,
+                                             persistent_workers=num_workers > 0)
+        for raw in loader:
+            yield self.to_model_batch(raw)
+
+    def to_model_batch(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = raw["observation.state"]
+        state = state[:, -1] if state.ndim == 3 else state  # the current frame of the history window
+        text, text_mask = self.text.encode_batch(list(raw["task"]))
+        subtasks = list(raw["subtask"])
+        tokens = torch.tensor([self.vocab.encode(s, self.cfg.max_subtask_tokens) for s in subtasks], dtype=torch.long)
+        length = raw["episode_length"].float()
+        return {
+            "images": raw["observation.images"],
+            "image_mask": raw["image_mask"],
+            "state": state * raw["state_mask"],
+            "state_mask": raw["state_mask"],
+            "text": text,
+            "text_mask": text_mask,
+            "embodiment": self._embodiment_of_source[raw["embodiment_index"]],
+            "actions": raw["action"] * raw["action_mask"][:, None, :],
+            "action_mask": raw["action_mask"],
+            "action_is_pad": raw["action_is_pad"],
+            "subtask_tokens": tokens,
+            "subtask_valid": torch.tensor([bool(s) for s in subtasks]),
+            "future_images": raw["future.images"],
+            "future_valid": ~raw["future_is_pad"],
+            "progress": raw["frame_index"].float() / (length - 1).clamp(min=1),
+        }

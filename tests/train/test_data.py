@@ -1,0 +1,54 @@
+"""Datasets -> model batches: keys, shapes, masks, progress, and batches as a pure function of (seed, step)."""
+
+import pytest
+import torch
+
+from physis.sim.collect import CollectConfig, collect
+from physis.train.data import DataConfig, TrainingData, embodiment_for
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demos") / "mt10"
+    collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3", "drawer-close-v3"), episodes=1, out=out,
+                          image_size=32, workers=1, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(demos):
+    return TrainingData([demos], DataConfig(horizon=8, image_size=32, history=2))
+
+
+def test_batch_has_the_model_keys_and_shapes(data):
+    batch = next(data.batches(batch_size=4, seed=0, steps=1))
+    a, s = data.space.dim, data.space.dim
+    assert batch["images"].shape == (4, 2, 2, 3, 32, 32) and batch["images"].dtype == torch.float32
+    assert batch["images"].min() >= 0.0 and batch["images"].max() <= 1.0
+    assert batch["image_mask"].all()
+    assert batch["state"].shape == (4, s) and batch["state_mask"].sum(1).eq(4).all()
+    assert batch["actions"].shape == (4, 8, a) and batch["action_mask"].sum(1).eq(4).all()
+    assert (batch["actions"][:, :, ~batch["action_mask"][0]] == 0).all()
+    assert batch["text"].shape[0] == 4 and batch["text"].shape[2] == 384 and batch["text_mask"].any(1).all()
+    assert batch["subtask_tokens"].shape == (4, 12) and batch["subtask_valid"].all()
+    assert batch["future_images"].shape == (4, 2, 3, 32, 32)
+    assert ((batch["progress"] >= 0) & (batch["progress"] <= 1)).all()
+    assert batch["embodiment"].tolist() == [0, 0, 0, 0]
+
+
+def test_batches_are_a_function_of_seed_and_step(data):
+    full = list(data.batches(batch_size=3, seed=7, steps=4))
+    resumed = list(data.batches(batch_size=3, seed=7, steps=4, start_step=2))
+    for a, b in zip(full[2:], resumed, strict=True):
+        torch.testing.assert_close(a["actions"], b["actions"])
+        torch.testing.assert_close(a["images"], b["images"])
+    other = next(data.batches(batch_size=3, seed=8, steps=1))
+    assert not torch.equal(other["actions"], full[0]["actions"])
+
+
+def test_meta_describes_the_inputs(data, demos):
+    meta = data.meta()
+    assert meta["cameras"] == {"metaworld_sawyer": ["corner", "gripper"]}
+    assert meta["embodiments"][0]["name"] == "metaworld_sawyer"
+    assert set(meta["stats"]["metaworld_sawyer"]["stats"]) == {"observation.state", "action"}
+    assert embodiment_for(demos).name == "metaworld_sawyer"
