@@ -51,7 +51,9 @@ class Policy:
         if embodiment not in stats:
             raise CheckpointMismatchError(f"the checkpoint has no normalization stats for {embodiment!r}")
         stats = stats[embodiment]
-        self.normalizer = Normalizer(stats_from_json(stats["stats"]), stats["modes"])
+        arrays, modes = stats_from_json(stats["stats"]), stats["modes"]
+        self.state_norm = Normalizer(arrays, {"observation.state": modes["observation.state"]})
+        self.action_norm = Normalizer(arrays, {"action": modes["action"]})
         self.cameras = list(meta["cameras"][embodiment])
         self.num_cameras = int(meta["num_cameras"])
         data = meta["data"]
@@ -109,7 +111,7 @@ class Policy:
         if state.shape != (self.spec.state_dim,):
             raise CheckpointMismatchError(
                 f"state has {state.shape[0]} values; {self.spec.name} has {self.spec.state_dim}")
-        state_t = self.normalizer({"observation.state": torch.from_numpy(state)})["observation.state"]
+        state_t = self.state_norm({"observation.state": torch.from_numpy(state)})["observation.state"]
         mask = torch.from_numpy(self.state_map.mask)
         text, text_mask = self.text.encode(obs.get("instruction", ""))
         return {
@@ -131,7 +133,7 @@ class Policy:
             out["subtask"] = self.vocab.decode(ids[0].tolist())
         unified = self.model.sample_actions(batch, steps=self.flow_steps, generator=self._generator, cache=cache)[0]
         native = self.action_map.from_unified(unified.float())
-        native = self.normalizer.unnormalize({"action": native})["action"].numpy().astype(np.float64)
+        native = self.action_norm.unnormalize({"action": native})["action"].numpy().astype(np.float64)
         if not np.all(np.isfinite(native)):
             out["actions"] = np.repeat(self._last_safe[None], len(native), axis=0)
             out["unsafe"] = "the model produced a non-finite action; holding the last safe action"

@@ -1,0 +1,73 @@
+"""Datasets -> `physis train` (tiny) -> checkpoint -> Policy -> `physis eval --checkpoint`, end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from physis.eval.runner import EvalConfig, evaluate
+from physis.runtime import CheckpointMismatchError, Policy
+from physis.sim import EnvConfig, make_env
+from physis.sim.collect import CollectConfig, collect
+from physis.train.run import TrainCommand, train
+
+TASKS = ("reach-v3", "drawer-close-v3")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    collect(CollectConfig(suite="metaworld/mt10", tasks=TASKS, episodes=1, out=root / "demos", image_size=32,
+                          workers=1, progress=False))
+    cmd = TrainCommand(data=(root / "demos",), out=root / "run", preset="tiny", steps=4, batch_size=4,
+                       image_size=32, horizon=8, workers=0, save_every=2, log_every=1, warmup=1, progress=False)
+    summary = train(cmd)
+    return root, cmd, summary
+
+
+def test_train_writes_checkpoints_metrics_and_summary(run):
+    root, _, summary = run
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    assert 0 < summary["params_total"] < 1_000_000  # tiny
+    lines = [json.loads(x) for x in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert {"action", "subtask", "progress", "world_model"} <= set(lines[-1])
+    ckpt = root / "run" / "checkpoints" / "step_000004"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "stats.json").is_file()
+
+
+def test_resume_continues_from_the_last_checkpoint(run):
+    root, cmd, _ = run
+    from dataclasses import replace
+
+    summary = train(replace(cmd, steps=6, resume=True))
+    assert summary["start_step"] == 4 and summary["steps"] == 6
+
+
+def test_policy_outputs_native_actions_within_limits(run):
+    root, _, _ = run
+    policy = Policy.from_checkpoint(root / "run", embodiment="metaworld_sawyer", flow_steps=2)
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32))
+    obs, _ = env.reset(seed=1_000_000)
+    policy.reset()
+    out = policy.infer(obs)
+    assert out["actions"].shape == (8, 4)
+    assert np.all(out["actions"] >= -1) and np.all(out["actions"] <= 1)
+    assert isinstance(out.get("subtask"), str)
+    with pytest.raises(CheckpointMismatchError, match="cameras"):
+        policy.infer({**obs, "images": {}})
+    with pytest.raises(CheckpointMismatchError, match="state group"):
+        policy.infer({**obs, "state": {}})
+    with pytest.raises(CheckpointMismatchError, match="not 'fetch'"):
+        Policy.from_checkpoint(root / "run", embodiment="fetch")
+    env.close()
+
+
+def test_eval_runs_a_checkpoint(run, tmp_path):
+    root, _, _ = run
+    results = evaluate(EvalConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path,
+                                  checkpoint=root / "run", workers=1, image_size=32, max_steps=10, videos=0,
+                                  progress=False))
+    task = results["tasks"]["reach-v3"]
+    assert task["errors"] == 0, task["error_examples"]
+    assert task["mean_length"] == 10 and results["policy"] == "checkpoint"
