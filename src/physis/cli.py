@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from physis.data.benchmark import DataBenchConfig
+from physis.eval.heads import HeadsConfig
 from physis.eval.runner import EvalConfig
 from physis.sim.collect import CollectConfig
 from physis.train.run import TrainCommand
@@ -147,6 +148,14 @@ def train(cmd: TrainCommand) -> None:
                   f"{s['final_loss']:.4f}, peak memory {s['peak_rss_mb']:.0f} MB; checkpoint {s['checkpoint']}")
 
 
+def eval_heads(cfg: HeadsConfig) -> None:
+    """Every head of a checkpoint on held-out demonstrations: actions, world model vs copy, subtask, progress."""
+    from physis.eval.heads import evaluate_heads
+
+    r = evaluate_heads(cfg)
+    console.print_json(json.dumps(r))
+
+
 @dataclass(frozen=True)
 class Quickstart:
     out: Path = Path("outputs/quickstart")
@@ -206,8 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                                                  config=_CONFIG)
             return
         tyro.extras.subcommand_cli_from_dict(
-            {"quickstart": quickstart, "collect": collect, "train": train, "eval": eval, "suites": suites,
-             "embodiments": embodiments, "dataset": dataset, "bench": _bench_help},
+            {"quickstart": quickstart, "collect": collect, "train": train, "eval": eval, "eval-heads": eval_heads,
+             "suites": suites, "embodiments": embodiments, "dataset": dataset, "bench": _bench_help},
             args=args, prog="physis", config=_CONFIG,
             description="physis: an end-to-end foundation model for the physical world.")
     except _USER_ERRORS as e:

@@ -71,3 +71,17 @@ def test_eval_runs_a_checkpoint(run, tmp_path):
     task = results["tasks"]["reach-v3"]
     assert task["errors"] == 0, task["error_examples"]
     assert task["mean_length"] == 10 and results["policy"] == "checkpoint"
+
+
+def test_eval_heads_reports_every_head(run):
+    from physis.eval.heads import HeadsConfig, evaluate_heads
+
+    root, _, _ = run
+    r = evaluate_heads(HeadsConfig(checkpoint=root / "run", data=root / "demos", out=root / "heads", samples=8,
+                                   batch_size=4, strip=2))
+    assert r["samples"] == 8 and np.isfinite(r["action_mse"])
+    assert 0.0 <= r["subtask_accuracy"] <= 1.0 and r["subtask_samples"] == 8
+    assert -1.0 <= r["progress_pearson"] <= 1.0
+    assert r["world_model_latent_mse"] > 0 and r["copy_baseline_latent_mse"] >= 0
+    assert (root / "heads" / "world_model.png").stat().st_size > 500
+    assert json.loads((root / "heads" / "heads.json").read_text()) == r

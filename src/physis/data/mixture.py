@@ -88,6 +88,10 @@ class DatasetMixture(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
+    def use_normalizer(self, source: int, normalizer: Normalizer) -> None:
+        """Normalize one source with given statistics (a checkpoint's) instead of the dataset's own."""
+        self._normalizers[source] = normalizer
+
     def locate(self, i: int) -> tuple[int, int]:
         """Global sample index -> (source, frame index in that source)."""
         src = int(np.searchsorted(self._offsets, i, side="right") - 1)

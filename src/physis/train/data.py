@@ -19,7 +19,7 @@ import torch
 
 from physis.data.layout import DatasetFormatError, read_json
 from physis.data.mixture import DatasetMixture, MixtureSource
-from physis.data.stats import stats_to_json
+from physis.data.stats import Normalizer, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
 
 EMBODIMENT_META = "embodiment.json"  # written by `physis collect` beside info.json
@@ -81,7 +81,9 @@ class TrainingData:
 
     def __init__(self, roots: Sequence[str | Path], cfg: DataConfig | None = None,
                  embodiments: Sequence[str | Path | None] | None = None, weights: Sequence[float] | None = None,
-                 space: UnifiedSpace | None = None, vocab: Any = None, text_encoder: Any = None):
+                 space: UnifiedSpace | None = None, vocab: Any = None, text_encoder: Any = None,
+                 stats: dict[str, Any] | None = None):
+        """`stats` (a checkpoint's, per robot name) replaces the datasets' own normalization statistics."""
         from physis.model.text import TextEncoder
         from physis.model.vocab import SubtaskVocab
 
@@ -103,7 +105,13 @@ class TrainingData:
         labels = [t for d in self.mixture.datasets for t in d.subtasks]
         self.vocab = vocab if vocab is not None else SubtaskVocab.from_labels(labels)
         self.text = text_encoder if text_encoder is not None else TextEncoder()
-        self.stats = {s.embodiment.name: {"modes": norm, "stats": stats_to_json(
+        if stats is not None:
+            for i, s in enumerate(sources):
+                if s.embodiment.name not in stats:
+                    raise DatasetFormatError(f"no normalization stats for robot {s.embodiment.name!r} ({s.root})")
+                own = stats[s.embodiment.name]
+                self.mixture.use_normalizer(i, Normalizer(stats_from_json(own["stats"]), own["modes"]))
+        self.stats = stats if stats is not None else {s.embodiment.name: {"modes": norm, "stats": stats_to_json(
             {k: v for k, v in d.stats.items() if k in norm})} for s, d in zip(sources, self.mixture.datasets,
                                                                                 strict=True)}
 

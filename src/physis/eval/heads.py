@@ -1,0 +1,135 @@
+"""`physis eval-heads`: every head of a checkpoint against held-out demonstrations.
+
+- actions: error of sampled chunks against the demonstrated ones (normalized units, masked);
+- world model: error of the predicted future-frame latent against the real one, beside the baseline
+  that predicts no change (the current frame's latent), plus a PNG strip: now | real future |
+  predicted future;
+- subtask: exact-match accuracy of the generated subtask against the expert's label;
+- progress: Pearson correlation and mean absolute error against true progress (frame / length).
+
+Use demonstrations the checkpoint did not train on, e.g. `physis collect ... --seed 500000`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from physis.data.layout import write_json_atomic
+
+
+@dataclass
+class HeadsConfig:
+    checkpoint: Path
+    data: Path  # held-out demonstrations (LeRobot v3.0)
+    out: Path
+    samples: int = 256
+    batch_size: int = 32
+    seed: int = 0
+    strip: int = 6  # examples in the world-model PNG strip
+
+
+def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
+    from physis.embodiment import UnifiedSpace
+    from physis.model.config import ModelConfig
+    from physis.model.physis_model import PhysisModel
+    from physis.model.vocab import SubtaskVocab
+    from physis.train.checkpoint import load_checkpoint
+    from physis.train.data import DataConfig, TrainingData
+
+    ckpt = load_checkpoint(cfg.checkpoint, training_state=False)
+    model_cfg = ModelConfig.from_dict(ckpt.config["model"])
+    model = PhysisModel(model_cfg)
+    model.load_state_dict(ckpt.ema_state or ckpt.model_state)
+    model.eval()
+    data = TrainingData([cfg.data], DataConfig(**ckpt.config["data"]),
+                        space=UnifiedSpace.from_dict(ckpt.config["unified_space"]),
+                        vocab=SubtaskVocab(model_cfg.subtask_vocab), stats=ckpt.stats)
+    vocab = data.vocab
+    steps = max(1, cfg.samples // cfg.batch_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    acc: dict[str, list[float]] = {k: [] for k in ("action_mse", "wm_mse", "copy_mse", "prog_pred", "prog_true")}
+    hits = total = 0
+    strip: list[np.ndarray] = []
+    with torch.no_grad():
+        for batch in data.batches(cfg.batch_size, seed=cfg.seed, steps=steps):
+            cache = model.encode_prefix(batch)
+            if model_cfg.subtask:
+                ids, cache = model.generate_subtask(cache)
+                for i in range(len(ids)):
+                    if batch["subtask_valid"][i]:
+                        total += 1
+                        hits += vocab.decode(ids[i].tolist()) == vocab.decode(batch["subtask_tokens"][i].tolist())
+            actions = model.sample_actions(batch, generator=gen, cache=cache)
+            err = ((actions - batch["actions"]).square() * batch["action_mask"][:, None].float()
+                   * (~batch["action_is_pad"])[..., None].float())
+            acc["action_mse"].append(float(err.sum() / (batch["action_mask"].sum() * batch["actions"].shape[1])))
+            if model_cfg.progress:
+                acc["prog_pred"] += model.predict_progress(cache).tolist()
+                acc["prog_true"] += batch["progress"].tolist()
+            if model_cfg.world_model:
+                _world_model(model, batch, cache, gen, acc, strip, cfg.strip)
+    results: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data),
+                               "samples": steps * cfg.batch_size, "seed": cfg.seed,
+                               "action_mse": float(np.mean(acc["action_mse"]))}
+    if total:
+        results["subtask_accuracy"] = hits / total
+        results["subtask_samples"] = total
+    if acc["prog_true"]:
+        p, t = np.asarray(acc["prog_pred"]), np.asarray(acc["prog_true"])
+        results["progress_pearson"] = float(np.corrcoef(p, t)[0, 1]) if p.std() > 0 else 0.0
+        results["progress_mae"] = float(np.abs(p - t).mean())
+    if acc["wm_mse"]:
+        results["world_model_latent_mse"] = float(np.mean(acc["wm_mse"]))
+        results["copy_baseline_latent_mse"] = float(np.mean(acc["copy_mse"]))
+        _save_strip(strip, cfg.out / "world_model.png")
+        results["world_model_png"] = "world_model.png"
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cfg.out / "heads.json", results)
+    return results
+
+
+def _world_model(model: Any, batch: dict[str, torch.Tensor], cache: Any, gen: torch.Generator,
+                 acc: dict[str, list[float]], strip: list[np.ndarray], keep: int) -> None:
+    """Latent error of the predicted future vs the real one, and of 'nothing changes' vs the real one."""
+    enc = model.prefix.patches
+    images, cams = batch["images"], batch["image_mask"].bool()
+    b, c = images.shape[:2]
+    real = enc.latent(enc.features(batch["future_images"].flatten(0, 1))).view(b, c, -1, model.config.latent_dim)
+    now = enc.latent(enc.features(images[:, :, -1].flatten(0, 1))).view_as(real)
+    pred = model.sample_future(cache, batch["actions"], generator=gen)
+    valid = (cams & batch["future_valid"].bool()[:, None]).float()
+    n = valid.sum().clamp(min=1)
+    acc["wm_mse"].append(float(((pred - real).square().mean((2, 3)) * valid).sum() / n))
+    acc["copy_mse"].append(float(((now - real).square().mean((2, 3)) * valid).sum() / n))
+    if len(strip) < keep:
+        decoded = model.decode_future(pred)
+        for i in range(min(b, keep - len(strip))):
+            if valid[i, 0]:
+                row = [images[i, 0, -1], batch["future_images"][i, 0], decoded[i, 0]]
+                strip.append(np.concatenate([(x.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8)
+                                             for x in row], axis=1))
+
+
+def _save_strip(rows: list[np.ndarray], path: Path) -> None:
+    if not rows:
+        return
+    from PIL import Image, ImageDraw
+
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 256 // rows[0].shape[0])
+    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    header = Image.new("RGB", (img.width, 18), "white")
+    draw = ImageDraw.Draw(header)
+    third = img.width // 3
+    for k, text in enumerate(("now", "real future", "predicted future")):
+        draw.text((k * third + 4, 3), text, fill="black")
+    out = Image.new("RGB", (img.width, img.height + 18), "white")
+    out.paste(header, (0, 0))
+    out.paste(img, (0, 18))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
