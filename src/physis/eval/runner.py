@@ -130,6 +130,13 @@ def _write_video(path: Path, frames: list[np.ndarray], fps: float) -> None:
     enc.close()
 
 
+def _limit_threads(threads: int) -> None:
+    """Worker processes share the cores: each model gets its share instead of all of them (oversubscription)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation and write `results.json`, `success.png` and `videos/` under `cfg.out`."""
     tasks = resolve_tasks(cfg.suite, list(cfg.tasks) or None)
@@ -163,7 +170,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             for t, s, v in jobs:
                 record(run_episode(cfg, t, s, v))
         else:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_limit_threads,
+                                     initargs=(threads,)) as pool:
                 pending: dict[Future, tuple[str, int]] = {pool.submit(run_episode, cfg, t, s, v): (t, s)
                                                           for t, s, v in jobs}
                 while pending:
