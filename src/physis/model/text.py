@@ -29,7 +29,9 @@ class TextEncoder:
 
     def __init__(self, model_path: str | Path | None = None, max_tokens: int = 32, cache_size: int = 4096) -> None:
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per load clutters every training and evaluation log
         path = str(model_path or default_model_path())
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval()
