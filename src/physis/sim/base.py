@@ -13,6 +13,7 @@ simulator state (object poses, goals); experts do, through the environment they 
 from __future__ import annotations
 
 import abc
+import os
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ import gymnasium as gym
 import numpy as np
 
 from physis.embodiment import EmbodimentSpec, load_embodiment
+
+# Headless machines have no display for MuJoCo's default GLFW backend: render offscreen through EGL
+# unless the user chose a backend. Set before anything imports mujoco.
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    os.environ["MUJOCO_GL"] = "egl"
 
 Observation = dict[str, Any]
 
