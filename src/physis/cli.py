@@ -143,6 +143,8 @@ def train(cmd: TrainCommand) -> None:
     from physis.train.run import train as run
 
     s = run(cmd)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, the first process reports for all
     console.print(f"trained {s['steps']} steps ({s['params_trainable']:,} of {s['params_total']:,} parameters "
                   f"trainable) in {s['wall_s'] / 60:.1f} min: {s['samples_per_s']:.0f} samples/s, final loss "
                   f"{s['final_loss']:.4f}, peak memory {s['peak_rss_mb']:.0f} MB; checkpoint {s['checkpoint']}")
