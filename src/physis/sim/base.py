@@ -87,6 +87,7 @@ class SimEnv(gym.Env, abc.ABC):
         self.elapsed_steps = 0
         self.success = False
         self.render_mode = "rgb_array"
+        self._cameras: MujocoCameras | None = None  # MuJoCo suites render through this; closed by close()
         lo, hi = self.embodiment.action_limits()
         self.action_space = gym.spaces.Box(lo.astype(np.float32), hi.astype(np.float32), dtype=np.float32)
         h, w = self.config.hw
@@ -151,6 +152,16 @@ class SimEnv(gym.Env, abc.ABC):
 
     def render(self) -> np.ndarray:
         return self._sim_render(self.camera_names[0])
+
+    def _sim_close(self) -> None:
+        """Release the simulator (the cameras are released by `close`)."""
+
+    def close(self) -> None:
+        if self._cameras is not None:
+            self._cameras.close()
+            self._cameras = None
+        self._sim_close()
+        super().close()
 
     def check_action(self, action: Any) -> np.ndarray:
         """A finite action of the embodiment's width, clipped to its limits; anything else raises."""

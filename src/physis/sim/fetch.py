@@ -144,12 +144,8 @@ class FetchEnv(SimEnv):
     def expert(self) -> FetchExpert:
         return {"reach": ReachExpert, "push": PushExpert, "pick_and_place": PickAndPlaceExpert}[self.task](self)
 
-    def close(self) -> None:
-        if self._cameras is not None:
-            self._cameras.close()
-            self._cameras = None
+    def _sim_close(self) -> None:
         self.raw.close()
-        super().close()
 
 
 # --- scripted experts ----------------------------------------------------------------------------

@@ -56,15 +56,15 @@ class HandReachEnv(SimEnv):
         # The raw MuJoCo env, without gymnasium's TimeLimit: SimEnv counts the steps.
         self.sim: Any = gym.make(ENV_ID).unwrapped
         self.model, self.data = self.sim.model, self.sim.data
-        self.cameras: MujocoCameras | None = None
+        self._cameras: MujocoCameras | None = None
         if self.config.render:
             unknown = set(self.camera_names) - {"front"}
             if unknown:
                 raise ValueError(f"hand/reach has one camera, 'front'; unknown: {sorted(unknown)}")
             h, w = self.config.hw
-            self.cameras = MujocoCameras(self.model, h, w)
+            self._cameras = MujocoCameras(self.model, h, w)
             # From the thumb's side and above: the whole hand and the targets over the palm.
-            self.cameras.add_free_camera("front", lookat=(1.005, 0.865, 0.145), distance=0.27, azimuth=150.0,
+            self._cameras.add_free_camera("front", lookat=(1.005, 0.865, 0.145), distance=0.27, azimuth=150.0,
                                          elevation=-38.0)
 
     @property
@@ -90,17 +90,14 @@ class HandReachEnv(SimEnv):
                 "target_fingertip_pos": obs["desired_goal"]}
 
     def _sim_render(self, camera: str) -> np.ndarray:
-        assert self.cameras is not None, "rendering is off (EnvConfig.render=False)"
+        assert self._cameras is not None, "rendering is off (EnvConfig.render=False)"
         self.sim._render_callback()  # moves the target and fingertip marker spheres into place
-        return self.cameras.render(self.data, camera)
+        return self._cameras.render(self.data, camera)
 
     def expert(self) -> HandReachExpert:
         return HandReachExpert(self)
 
-    def close(self) -> None:
-        if self.cameras is not None:
-            self.cameras.close()
-            self.cameras = None
+    def _sim_close(self) -> None:
         self.sim.close()
 
 

@@ -78,10 +78,7 @@ class MetaWorldEnv(SimEnv):
     def expert(self) -> MetaWorldExpert:
         return MetaWorldExpert(self)
 
-    def close(self) -> None:
-        if self._cameras is not None:
-            self._cameras.close()
-            self._cameras = None
+    def _sim_close(self) -> None:
         self._env.close()
 
 

@@ -282,10 +282,7 @@ class PointMazeBimodalEnv(SimEnv):
     def expert(self) -> PointMazeExpert:
         return PointMazeExpert(self)
 
-    def close(self) -> None:
-        if self._cameras is not None:
-            self._cameras.close()
-            self._cameras = None
+    def _sim_close(self) -> None:
         self._env.close()
 
 

@@ -117,7 +117,7 @@ class PushTSimEnv(SimEnv):
     def expert(self) -> PushTExpert:
         return PushTExpert(self)
 
-    def close(self) -> None:
+    def _sim_close(self) -> None:
         self.sim.close()
 
 
