@@ -1,6 +1,8 @@
 """Datasets -> `physis train` (tiny) -> checkpoint -> Policy -> `physis eval --checkpoint`, end to end."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -8,21 +10,12 @@ import pytest
 from physis.eval.runner import EvalConfig, evaluate
 from physis.runtime import CheckpointMismatchError, Policy
 from physis.sim import EnvConfig, make_env
-from physis.sim.collect import CollectConfig, collect
-from physis.train.run import TrainCommand, train
-
-TASKS = ("reach-v3", "drawer-close-v3")
+from physis.train.run import train
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    collect(CollectConfig(suite="metaworld/mt10", tasks=TASKS, episodes=1, out=root / "demos", image_size=32,
-                          workers=1, progress=False))
-    cmd = TrainCommand(data=(root / "demos",), out=root / "run", preset="tiny", steps=4, batch_size=4,
-                       image_size=32, horizon=8, workers=0, save_every=2, log_every=1, warmup=1, progress=False)
-    summary = train(cmd)
-    return root, cmd, summary
+def run(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_checkpoints_metrics_and_summary(run):
@@ -36,11 +29,10 @@ def test_train_writes_checkpoints_metrics_and_summary(run):
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "stats.json").is_file()
 
 
-def test_resume_continues_from_the_last_checkpoint(run):
+def test_resume_continues_from_the_last_checkpoint(run, tmp_path):
     root, cmd, _ = run
-    from dataclasses import replace
-
-    summary = train(replace(cmd, steps=6, resume=True))
+    shutil.copytree(root / "run", tmp_path / "run")  # the shared run stays at step 4 for the other tests
+    summary = train(replace(cmd, out=tmp_path / "run", steps=6, resume=True))
     assert summary["start_step"] == 4 and summary["steps"] == 6
 
 
