@@ -57,10 +57,22 @@ class Block(nn.Module):
         q, k, v = self._split(x)
         keys = k if ctx_k is None else torch.cat([ctx_k, k], dim=2)
         values = v if ctx_v is None else torch.cat([ctx_v, v], dim=2)
-        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        att = attention(q, keys, values, mask)
         x = x + self.proj(att.transpose(1, 2).flatten(2))
         x = x + self.mlp(self.norm2(x))
         return x, k, v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention under a bool mask (True = may attend).
+
+    When gradients are needed, plain matmul-softmax: for these short sequences it trains about twice as fast
+    on a CPU as the fused kernel, whose backward dominates a step. Without gradients the fused kernel wins.
+    """
+    if not torch.is_grad_enabled():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
 @dataclass
