@@ -27,6 +27,7 @@ EXPECTED_DIMS = {  # name -> (action_dim, state_dim)
     "pointmaze": (2, 4),
     "pusht": (2, 2),
     "aloha": (14, 14),
+    "adroit_hand": (33, 66),
 }
 
 
@@ -97,11 +98,12 @@ def test_builtin_details():
 
 def test_space_for_all_builtins(space):
     assert space.kinds[: len(KNOWN_KINDS)] == tuple(KNOWN_KINDS.items())
+    # extra kinds in order of first appearance over the specs in name order (adroit_hand comes first)
     assert space.kinds[len(KNOWN_KINDS):] == (
-        ("eef_vel", 3), ("gripper_vel", 2), ("planar_vel", 2), ("hand_joint_vel", 24), ("fingertip_pos", 15),
-        ("fingertip_goal", 15),
+        ("eef_vel", 3), ("joint_vel", 6), ("hand_joint_vel", 24), ("gripper_vel", 2), ("planar_vel", 2),
+        ("fingertip_pos", 15), ("fingertip_goal", 15),
     )
-    assert space.dim == 124 == len(space.slot_names())
+    assert space.dim == 130 == len(space.slot_names())
     assert space.block("eef_pos") == slice(0, 6)
     assert space.block("gripper") == slice(32, 34)
     assert space.slot_names()[32] == "gripper.0"
@@ -269,7 +271,7 @@ def test_unified_space_dict_round_trip(space):
     assert d["kinds"][-1] == ["fingertip_goal", 15]
     restored = UnifiedSpace.from_dict(json.loads(json.dumps(d)))
     assert restored == space
-    assert restored.dim == 124
+    assert restored.dim == 130
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])

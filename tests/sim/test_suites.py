@@ -10,7 +10,7 @@ SMALL = EnvConfig(image_size=32, max_steps=5)
 # One environment per distinct simulator (fetch/reach is the same env as the fetch suite's reach).
 CASES = [("metaworld/mt10", "pick-place-v3"), ("metaworld/mt50", "basketball-v3"), ("fetch/reach", None),
          ("fetch/push", None), ("fetch/pick_and_place", None), ("hand/reach", None), ("pointmaze/bimodal", None),
-         ("pusht", None)]
+         ("pusht", None), ("adroit/relocate", None)]
 
 
 def test_every_registered_suite_is_covered():

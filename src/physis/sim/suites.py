@@ -49,6 +49,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
           "Fetch: pick a block up and place it at a target"),
     Suite("hand/reach", "shadow_hand", ("reach",), "physis.sim.hand:make",
           "Shadow hand: bring the fingertips to their target positions"),
+    Suite("adroit/relocate", "adroit_hand", ("relocate",), "physis.sim.adroit:make",
+          "Adroit hand on an arm: pick up a ball and carry it to a target in the air"),
     Suite("pointmaze/bimodal", "pointmaze", ("bimodal",), "physis.sim.pointmaze:make",
           "PointMaze Medium, start/goal pairs with two equally short routes"),
     Suite("pusht", "pusht", ("pusht",), "physis.sim.pusht:make",
