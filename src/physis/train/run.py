@@ -31,6 +31,7 @@ class TrainCommand:
     warmup: int = 100
     ema: float = 0.999  # EMA decay of the weights the checkpoint serves; 0 disables
     bf16: bool = True  # bf16 autocast (about 1.6x faster on CPUs with AMX)
+    device: str = "cpu"  # cpu, cuda, cuda:1, mps, ...
     action_head: Literal["flow", "mse"] = "flow"  # mse: the deterministic ablation
     world_model: bool = True
     subtask: bool = True
@@ -38,6 +39,7 @@ class TrainCommand:
     horizon: int = 16
     history: int = 1
     image_size: int = 96
+    patch_size: int = 0  # 0: the preset's; it must divide image_size (e.g. 8 for 64x64 images)
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -70,7 +72,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         cmd.preset, action_dim=data.space.dim, state_dim=data.space.dim, horizon=cmd.horizon,
         cameras=data.num_cameras, history=cmd.history, image_size=cmd.image_size,
         num_embodiments=len(data.embodiments), action_head=cmd.action_head, world_model=cmd.world_model,
-        subtask=cmd.subtask, progress=cmd.progress_head, subtask_vocab=tuple(data.vocab.words), **cmd.overrides)
+        subtask=cmd.subtask, progress=cmd.progress_head, subtask_vocab=tuple(data.vocab.words),
+        **({"patch_size": cmd.patch_size} if cmd.patch_size else {}), **cmd.overrides)
     model = PhysisModel(model_cfg)
     meta = {
         "model": model_cfg.to_dict(),
@@ -91,7 +94,8 @@ def train(cmd: TrainCommand) -> dict[str, Any]:
     torch.manual_seed(cmd.seed)
     model, data, meta = build(cmd)
     cfg = TrainConfig(steps=cmd.steps, max_minutes=cmd.minutes, batch_size=cmd.batch_size, lr=cmd.lr,
-                      warmup=cmd.warmup, ema_decay=cmd.ema, bf16=cmd.bf16, log_every=cmd.log_every,
+                      warmup=cmd.warmup, ema_decay=cmd.ema, bf16=cmd.bf16, device=cmd.device,
+                      log_every=cmd.log_every,
                       save_every=cmd.save_every, seed=cmd.seed, num_workers=cmd.workers, out=str(cmd.out),
                       recipe=cmd.recipe, trainable=list(cmd.trainable),
                       init_from=str(cmd.init_from) if cmd.init_from else None, resume=cmd.resume,
