@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
@@ -16,6 +15,10 @@ from rich.table import Table
 from physis.data.benchmark import DataBenchConfig
 from physis.eval.heads import HeadsConfig
 from physis.eval.runner import EvalConfig
+from physis.quickstart import QuickstartConfig
+from physis.runtime.bench_latency import LatencyBenchConfig
+from physis.runtime.bench_serve import ServeBenchConfig
+from physis.runtime.server import ServeConfig, ServeError
 from physis.sim.collect import CollectConfig
 from physis.train.run import TrainCommand
 
@@ -80,6 +83,63 @@ def bench_data(cfg: DataBenchConfig) -> None:
     console.print(table)
     console.print(f"decoding the mp4 files into the frame cache took {result['decode_into_cache_s']:.1f}s; "
                   f"results in {cfg.out / 'results.json'}")
+
+
+def bench_serve(cfg: ServeBenchConfig) -> None:
+    """The policy server under load from openpi's client: round trips, throughput, batching, overhead."""
+    from physis.runtime.bench_serve import run
+
+    r = run(cfg)
+    table = Table(title=f"physis bench serve: {cfg.clients} clients x {cfg.requests} requests")
+    for col in ("ms", "p50", "p90", "p99", "mean"):
+        table.add_column(col)
+    for key, label in (("round_trip_ms", "round trip"), ("infer_ms", "model (batch)"),
+                       ("overhead_ms", "round trip - model"), ("queue_ms", "waiting for a batch")):
+        if r[key]:
+            table.add_row(label, *(f"{r[key][q]:.1f}" for q in ("p50", "p90", "p99", "mean")))
+    console.print(table)
+    console.print(f"{r['requests_ok']} answered, {r['errors']} errors, {r['throughput_rps']:.1f} requests/s, mean "
+                  f"batch {r['batch_size']['mean']:.2f} (max {r['batch_size']['max']}), server exit code "
+                  f"{r['server_exit_code']}; results in {cfg.out / 'results.json'}")
+    console.print(f"the server process used {r['server_cpu_s']:.1f} CPU-s in all; 1-min load average "
+                  f"{r['load_average_1min']['before']:.1f} before, {r['load_average_1min']['after']:.1f} after")
+    for e in r["error_examples"]:
+        console.print(f"[yellow]error:[/] {e}", highlight=False)
+
+
+def bench_latency(cfg: LatencyBenchConfig) -> None:
+    """Milliseconds per action chunk at batch 1: presets x flow steps x prefix cache x backends, vs a FLOP floor."""
+    from physis.runtime.bench_latency import run
+
+    r = run(cfg)
+    table = Table(title=f"physis bench latency: ms per chunk, batch 1, {r['threads']} threads")
+    for col in ("preset", "backend", "steps", "cache", "p50", "p90", "p99", "GFLOP", "floor ms", "x floor"):
+        table.add_column(col, justify="left" if col in ("preset", "backend") else "right")
+    for x in r["results"]:
+        table.add_row(x["preset"], x["backend"], str(x["steps"]), "on" if x["cache"] else "off",
+                      f"{x['p50_ms']:.1f}", f"{x['p90_ms']:.1f}", f"{x['p99_ms']:.1f}", f"{x['gflop']:.2f}",
+                      f"{x['floor_ms']:.1f}", f"{x['ratio_to_floor']:.1f}")
+    console.print(table, width=max(console.width, 100))  # backend names stay whole in a narrow terminal
+    for s in r["skipped"]:
+        if "steps" not in s:  # a backend that could not be built; uncached onnx/compile rows are skipped by design
+            console.print(f"[yellow]skipped {s['preset']} {s['backend']}:[/] {s['reason']}", highlight=False)
+    console.print(f"results in {cfg.out / 'results.json'}")
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Serve a checkpoint over websocket (openpi's msgpack-numpy protocol) until Ctrl-C or SIGTERM."""
+    from physis.runtime.server import PolicyServer, server_from_config
+
+    def ready(server: PolicyServer) -> None:
+        auth = "an API key" if server.api_key else "no API key"
+        console.print(f"serving {server.spec['embodiment']} from {cfg.checkpoint} on ws://{server.host}:{server.port} "
+                      f"({auth}; health check at /healthz); Ctrl-C stops", highlight=False)
+
+    server = server_from_config(cfg)
+    try:
+        server.run(on_ready=ready)
+    except OSError as e:  # most often: the port is taken
+        raise ServeError(f"cannot serve on {cfg.host}:{cfg.port}: {e}") from None
 
 
 def suites(name: tyro.conf.Positional[str | None] = None) -> None:
@@ -158,51 +218,42 @@ def eval_heads(cfg: HeadsConfig) -> None:
     console.print_json(json.dumps(r))
 
 
-@dataclass(frozen=True)
-class Quickstart:
-    out: Path = Path("outputs/quickstart")
-    """Where the quickstart writes its dataset and results."""
-    episodes: int = 5
-    """Demonstrations per task, and evaluation episodes per task."""
+def quickstart(cfg: QuickstartConfig) -> None:
+    """The main job: collect demonstrations, train, evaluate on held-out seeds, write report.html (re-runs resume)."""
+    from physis.quickstart import REPORT, run
+
+    try:
+        r = run(cfg, say=lambda text: console.print(text, highlight=False))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: run the same command again to carry on where it stopped")
+        raise SystemExit(130) from None
+    table = Table(title=f"physis quickstart: {r['suite']}, {r['episodes_per_task']} held-out episodes per task")
+    for col in ("task", "success", "95% interval"):
+        table.add_column(col)
+    for task, t in r["tasks"].items():
+        table.add_row(task, f"{t['successes']}/{t['episodes']}", f"{t['ci95'][0]:.0%}-{t['ci95'][1]:.0%}")
+    console.print(table)
+    console.print(f"mean success {r['mean_success']:.1%}; whole run {r['quickstart']['wall_s'] / 60:.1f} min; "
+                  f"open {cfg.out / REPORT}", highlight=False)
 
 
-QUICKSTART_TASKS = ("reach-v3", "drawer-close-v3", "button-press-topdown-v3")
-
-
-def quickstart(cfg: Quickstart) -> None:
-    """The main job, as far as it is built: collect expert demonstrations, check them, evaluate on held-out seeds."""
-    from physis.sim.collect import COLLECTION_META
-
-    console.print(
-        "[bold]physis quickstart[/bold]: collects Meta-World demonstrations with subtask labels, checks the dataset,\n"
-        "evaluates the scripted expert on held-out seeds and benchmarks the data loader. Training the model\n"
-        "is not built yet; this run covers what exists."
-    )
-    suites()
-    demos = cfg.out / "demos"
-    if (demos / "meta" / COLLECTION_META).is_file():
-        console.print(f"reusing the demonstrations in {demos}")
-    else:
-        collect(CollectConfig(suite="metaworld/mt10", tasks=QUICKSTART_TASKS, episodes=cfg.episodes, out=demos,
-                              overwrite=True))
-    dataset(demos)
-    eval(EvalConfig(suite="metaworld/mt10", tasks=QUICKSTART_TASKS, episodes=cfg.episodes, policy="expert",
-                    out=cfg.out / "eval-expert"))
-    cfg_bench = DataBenchConfig(out=cfg.out / "bench-data", episodes=20, batches=30, seek_batches=2)
-    bench_data(cfg_bench)
+BENCHES = {"data": bench_data, "serve": bench_serve, "latency": bench_latency}  # `physis bench NAME`
 
 
 def _bench_help() -> None:
-    """Measured figures, printed and written as JSON: `physis bench data`."""
-    tyro.extras.subcommand_cli_from_dict({"data": bench_data}, args=["--help"], prog="physis bench", config=_CONFIG)
+    """Measured figures, printed and written as JSON: `physis bench data|serve|latency`."""
+    tyro.extras.subcommand_cli_from_dict(BENCHES, args=["--help"], prog="physis bench", config=_CONFIG)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from physis.data.layout import DatasetFormatError
     from physis.embodiment import SpecError
+    from physis.runtime.policy import CheckpointMismatchError
     from physis.sim.suites import UnknownNameError
+    from physis.train.checkpoint import CheckpointError
 
-    return (UnknownNameError, DatasetFormatError, SpecError, FileNotFoundError, FileExistsError)
+    return (UnknownNameError, DatasetFormatError, SpecError, FileNotFoundError, FileExistsError, CheckpointError,
+            CheckpointMismatchError, ServeError)
 
 
 _USER_ERRORS = _user_errors()
@@ -213,12 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args[:1] == ["bench"]:
-            tyro.extras.subcommand_cli_from_dict({"data": bench_data}, args=args[1:], prog="physis bench",
+            tyro.extras.subcommand_cli_from_dict(BENCHES, args=args[1:], prog="physis bench",
                                                  config=_CONFIG)
             return
         tyro.extras.subcommand_cli_from_dict(
             {"quickstart": quickstart, "collect": collect, "train": train, "eval": eval, "eval-heads": eval_heads,
-             "suites": suites, "embodiments": embodiments, "dataset": dataset, "bench": _bench_help},
+             "serve": serve, "suites": suites, "embodiments": embodiments, "dataset": dataset, "bench": _bench_help},
             args=args, prog="physis", config=_CONFIG,
             description="physis: an end-to-end foundation model for the physical world.")
     except _USER_ERRORS as e:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from physis.data.layout import write_json_atomic
+from physis.progress import progress_bar
 
 
 @dataclass
@@ -31,6 +32,7 @@ class HeadsConfig:
     batch_size: int = 32
     seed: int = 0
     strip: int = 6  # examples in the world-model PNG strip
+    progress: bool = True
 
 
 def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
@@ -55,7 +57,9 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
     acc: dict[str, list[float]] = {k: [] for k in ("action_mse", "wm_mse", "copy_mse", "prog_pred", "prog_true")}
     hits = total = 0
     strip: list[np.ndarray] = []
-    with torch.no_grad():
+    bar = progress_bar("eval-heads", "subtask", cfg.progress)
+    with torch.no_grad(), bar:
+        task = bar.add_task(str(cfg.data), total=steps, subtask="-")
         for batch in data.batches(cfg.batch_size, seed=cfg.seed, steps=steps):
             cache = model.encode_prefix(batch)
             if model_cfg.subtask:
@@ -73,6 +77,7 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
                 acc["prog_true"] += batch["progress"].tolist()
             if model_cfg.world_model:
                 _world_model(model, batch, cache, gen, acc, strip, cfg.strip)
+            bar.update(task, advance=1, subtask=f"{hits}/{total}")
     results: dict[str, Any] = {"checkpoint": str(cfg.checkpoint), "data": str(cfg.data),
                                "samples": steps * cfg.batch_size, "seed": cfg.seed,
                                "action_mse": float(np.mean(acc["action_mse"]))}

@@ -22,6 +22,8 @@ class TaskResult:
     errors: list[dict[str, Any]] = field(default_factory=list)  # {"seed", "error"} per failed-by-error episode
     videos: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    outcomes: list[bool] = field(default_factory=list)  # success per episode, in seed order
+    lengths: list[int] = field(default_factory=list)  # steps per episode, in seed order
 
     @property
     def success_rate(self) -> float:
@@ -38,6 +40,8 @@ class TaskResult:
             errors=[{"seed": e.seed, "error": e.error} for e in episodes if e.error],
             videos=[e.video for e in episodes if e.video],
             seconds=sum(e.seconds for e in episodes),
+            outcomes=[bool(e.success) for e in episodes],
+            lengths=[int(e.length) for e in episodes],
         )
 
     def to_json(self, out: Path) -> dict[str, Any]:
@@ -52,6 +56,8 @@ class TaskResult:
             "error_examples": self.errors[:3],
             "videos": [str(Path(v).relative_to(out)) if Path(v).is_relative_to(out) else v for v in self.videos],
             "seeds": self.seeds,
+            "episode_success": self.outcomes,
+            "episode_length": self.lengths,
         }
 
 

@@ -23,6 +23,7 @@ from physis.model.tokenizers import FrameDecoder, PrefixTokenizer
 from physis.model.trunk import (
     Block,
     PrefixCache,
+    additive_mask,
     expert_attention_mask,
     key_mask,
     subtask_attention_mask,
@@ -102,9 +103,13 @@ class PhysisModel(nn.Module):
 
     # ------------------------------------------------------------------ trunk and expert
     def _trunk_prefix(
-        self, tokens: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Prefix tokens (B, N, D) -> per-layer keys, values (B, heads, N, hd) and final hidden (B, N, D)."""
+        self, tokens: torch.Tensor, mask: torch.Tensor, hidden: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """Prefix tokens (B, N, D) -> per-layer keys, values (B, heads, N, hd) and final hidden (B, N, D).
+
+        With hidden=False the last layer only computes its keys/values (its attention and MLP feed nothing but
+        the pooled summary), and the hidden states come back as None.
+        """
         keys, values = [], []
         if self.backbone is not None:
             out = self.backbone(
@@ -119,11 +124,14 @@ class PhysisModel(nn.Module):
             return keys, values, self.norm(self.backbone_out(states[-1]))
         attn = key_mask(mask, tokens.shape[1])
         x = tokens
-        for block in self.blocks:
-            x, k, v = block(x, attn)
+        for i, block in enumerate(self.blocks):
+            if not hidden and i == len(self.blocks) - 1:
+                k, v = block.kv(x)
+            else:
+                x, k, v = block(x, attn)
             keys.append(k)
             values.append(v)
-        return keys, values, self.norm(x)
+        return keys, values, self.norm(x) if hidden else None
 
     def _trunk_extend(
         self, x: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], ctx_mask: torch.Tensor
@@ -150,20 +158,24 @@ class PhysisModel(nn.Module):
         tok = self.action_in(torch.cat([x, m], dim=-1))
         if self.config.action_head == "flow":
             t = torch.zeros(x.shape[0], device=x.device) if t is None else t
-            temb = time_embedding(t, tok.shape[-1])[:, None].expand_as(tok)
+            temb = time_embedding(t, tok.shape[-1]).to(tok.dtype)[:, None].expand_as(tok)
             tok = self.action_time(torch.cat([tok, temb], dim=-1))
         return tok + self.action_pos[: x.shape[1]]
 
     def _future_tokens(self, z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         # z (B, C*G, latent_dim) noisy latents, tau (B,)
         tok = self.future_in(z)
-        temb = time_embedding(tau, tok.shape[-1])[:, None].expand_as(tok)
+        temb = time_embedding(tau, tok.shape[-1]).to(tok.dtype)[:, None].expand_as(tok)
         return self.future_time(torch.cat([tok, temb], dim=-1)) + self.future_pos[: z.shape[1]]
 
     def predict_velocity(self, cache: PrefixCache, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        """Flow velocity (B, H, A) at noisy actions x and time t (B,); with the mse head, the actions."""
-        out = self._expert(self._action_tokens(x, t, cache.action_mask), cache, x.shape[1])
-        return self.action_out(out)
+        """Flow velocity (B, H, A) at noisy actions x and time t (B,); with the mse head, the actions.
+
+        The result has x's dtype whatever the weights' (bf16 weights at inference keep float32 samples).
+        """
+        dtype = self.expert_norm.weight.dtype
+        out = self._expert(self._action_tokens(x.to(dtype), t, cache.action_mask), cache, x.shape[1])
+        return self.action_out(out).to(x.dtype)
 
     def _future_velocity(
         self, cache: PrefixCache, actions: torch.Tensor, z: torch.Tensor, tau: torch.Tensor
@@ -173,17 +185,22 @@ class PhysisModel(nn.Module):
         return self.future_out(self._expert(tokens, cache, actions.shape[1])[:, actions.shape[1] :])
 
     # ------------------------------------------------------------------ training
-    def _encode(self, batch: Batch) -> tuple[PrefixCache, torch.Tensor, torch.Tensor]:
-        """Prefix cache plus the prefix hidden states and patch features (for the world model)."""
+    def _encode(self, batch: Batch, pooled: bool = True) -> tuple[PrefixCache, torch.Tensor | None, torch.Tensor]:
+        """Prefix cache plus the prefix hidden states and patch features (for the world model).
+
+        pooled=False skips the work only the pooled summary (the progress head) reads; hidden is then None.
+        """
         tokens, mask, feats = self.prefix(batch)
-        keys, values, hidden = self._trunk_prefix(tokens, mask)
-        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        keys, values, hidden = self._trunk_prefix(tokens, mask, hidden=pooled)
+        summary = None
+        if hidden is not None:
+            summary = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         b = tokens.shape[0]
         action_mask = batch.get("action_mask")
         if action_mask is None:
             action_mask = torch.ones(b, self.config.action_dim, dtype=torch.bool, device=tokens.device)
         cache = PrefixCache(
-            keys, values, mask, pooled, action_mask.bool(), prefix_len=mask.shape[1], cameras=batch["images"].shape[1]
+            keys, values, mask, summary, action_mask.bool(), prefix_len=mask.shape[1], cameras=batch["images"].shape[1]
         )
         return cache, hidden, feats
 
@@ -275,40 +292,66 @@ class PhysisModel(nn.Module):
         return masked_mean(err, valid), recon_loss
 
     # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def encode_prefix(self, batch: Batch) -> PrefixCache:
-        """Per-layer K/V of the observation's prefix tokens, computed once per chunk."""
-        return self._encode(batch)[0]
+    @torch.inference_mode()
+    def encode_prefix(self, batch: Batch, pooled: bool = True) -> PrefixCache:
+        """Per-layer K/V of the observation's prefix tokens, computed once per chunk.
 
-    @torch.no_grad()
+        pooled=False skips the last layer's attention and MLP over the prefix, which only the progress head
+        reads (`cache.pooled` is then None): about a quarter of the trunk's work when acting.
+        """
+        return self._encode(batch, pooled=pooled)[0]
+
+    @torch.inference_mode()
     def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
-        """Greedy subtask ids (B, Ls) = BOS w.. EOS PAD.., and the cache extended by them."""
+        """Greedy subtask ids (B, Ls) = BOS w.. EOS PAD.., and the cache extended by them.
+
+        Incremental: each step runs only the newest token through the trunk, reading the earlier tokens'
+        keys/values from buffers that become the extended cache (positions never generated stay zero and
+        masked).
+        """
         if not self.config.subtask:
             raise RuntimeError("PhysisModel.generate_subtask: this model was built with subtask=False")
         base = cache.prefix_only()
-        b, n = base.batch_size, self.config.max_subtask_tokens
-        ids = torch.full((b, n), PAD, dtype=torch.long, device=base.mask.device)
+        b, n, p = base.batch_size, self.config.max_subtask_tokens, base.prefix_len
+        dev, dtype = base.mask.device, base.keys[0].dtype
+        keys = [F.pad(k, (0, 0, 0, n)) for k in base.keys]  # (B, heads, p + n, hd), the subtask part zero
+        values = [F.pad(v, (0, 0, 0, n)) for v in base.values]
+        # additive key mask of the newest query: valid prefix keys and the subtask tokens up to itself
+        seen = additive_mask(F.pad(base.mask, (0, n), value=False), dtype)[:, None, None, :]  # (B, 1, 1, p + n)
+        ids = torch.full((b, n), PAD, dtype=torch.long, device=dev)
         ids[:, 0] = BOS
-        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        for i in range(1, n):
-            x = self.subtask_emb(ids[:, :i]) + self.subtask_pos[:i]
-            hidden, _, _ = self._trunk_extend(x, base.keys, base.values, base.mask)
-            logits = self.subtask_out(hidden[:, -1])
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        for i in range(n):
+            seen[..., p + i] = 0.0
+            x = self.subtask_emb(ids[:, i : i + 1]) + self.subtask_pos[i : i + 1]
+            for block, kb, vb in zip(self.blocks, keys, values, strict=True):
+                x = block.forward_cached(x, seen, kb, vb, p + i)
+            if i + 1 == n or bool(done.all()):
+                break  # token i's keys/values are in the buffers; nothing is left to generate
+            logits = self.subtask_out(self.norm(x[:, -1]))
             logits[:, [PAD, BOS]] = float("-inf")
             nxt = torch.where(done, PAD, logits.argmax(-1))
-            ids[:, i] = nxt
+            ids[:, i + 1] = nxt
             done |= nxt == EOS
-            if bool(done.all()):
-                break
-        x = self.subtask_emb(ids) + self.subtask_pos[:n]
-        _, keys, values = self._trunk_extend(x, base.keys, base.values, base.mask)
         extended = PrefixCache(
             keys, values, torch.cat([base.mask, ids != PAD], 1), base.pooled, base.action_mask,
             base.prefix_len, base.cameras, ids,
         )  # fmt: skip
         return ids, extended
 
-    @torch.no_grad()
+    @torch.inference_mode()
+    def extend_subtask(self, cache: PrefixCache, ids: torch.Tensor) -> PrefixCache:
+        """The prefix cache extended by given subtask ids (B, Ls) in one teacher-forced pass, as training sees them
+        (what `generate_subtask` returns with its ids, without generating)."""
+        base = cache.prefix_only()
+        x = self.subtask_emb(ids) + self.subtask_pos[: ids.shape[1]]
+        _, keys, values = self._trunk_extend(x, base.keys, base.values, base.mask)
+        return PrefixCache(
+            keys, values, torch.cat([base.mask, ids != PAD], 1), base.pooled, base.action_mask,
+            base.prefix_len, base.cameras, ids,
+        )  # fmt: skip
+
+    @torch.inference_mode()
     def sample_actions(
         self,
         batch: Batch | None = None,
@@ -316,34 +359,71 @@ class PhysisModel(nn.Module):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         cache: PrefixCache | None = None,
+        prefix_actions: torch.Tensor | None = None,
+        prefix_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """An action chunk (B, H, A), zero outside the action mask: K Euler steps from t=1 (noise) to t=0."""
+        """An action chunk (B, H, A), zero outside the action mask: K Euler steps from t=1 (noise) to t=0.
+
+        Inpainting (real-time chunking): prefix_actions (B, H, A), in the unified normalized space, with
+        prefix_weights (B, H) in [0, 1] steer the chunk toward actions already committed. At every step the
+        clean-chunk estimate is pulled toward them by the weight and the step is re-aimed at it; weight-1
+        steps come out exactly as given (times the action mask), weight-0 steps are free.
+        """
         if cache is None:
             if batch is None:
                 raise ValueError("PhysisModel.sample_actions: pass a batch or a cache")
-            cache = self.encode_prefix(batch)
+            cache = self.encode_prefix(batch, pooled=False)
         b, cfg = cache.batch_size, self.config
         shape = (b, cfg.horizon, cfg.action_dim)
         keep = cache.action_mask[:, None, :].float()
+        guide = inpainting_target(prefix_actions, prefix_weights, shape)
         if cfg.action_head == "mse":
-            return self.predict_velocity(cache, torch.zeros(shape, device=keep.device), None) * keep
+            x = self.predict_velocity(cache, torch.zeros(shape, device=keep.device), None)
+            if guide is not None:
+                x = torch.where(guide[1] == 1, guide[0], torch.lerp(x, guide[0], guide[1]))
+            return x * keep
         steps = steps or cfg.flow_steps
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=keep.device)
+        flow = self._flow_context(cache, cfg.horizon)
         dt = 1.0 / steps
         for i in range(steps):
-            t = torch.full((b,), 1.0 - i * dt, device=x.device)
-            x = x - dt * self.predict_velocity(cache, x, t)
+            t = 1.0 - i * dt
+            v = self._flow_velocity(flow, x, torch.full((b,), t, device=x.device))
+            x = x - dt * v if guide is None else inpainting_step(x, v, t, dt, *guide)
+        if guide is not None:
+            x = torch.where(guide[1] == 1, guide[0], x)  # exact, whatever the rounding on the way
         return x * keep
 
-    @torch.no_grad()
+    def _flow_context(
+        self, cache: PrefixCache, n: int
+    ) -> tuple[PrefixCache, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """What every flow step reuses: per-layer key/value buffers [context | n action tokens] with the context
+        copied in once, and the expert's attention mask as an additive float mask."""
+        keys = [F.pad(k, (0, 0, 0, n)) for k in cache.keys]
+        values = [F.pad(v, (0, 0, 0, n)) for v in cache.values]
+        mask = additive_mask(expert_attention_mask(cache.mask, n, 0), keys[0].dtype)
+        return cache, keys, values, mask
+
+    def _flow_velocity(self, flow: tuple, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """`predict_velocity` on a `_flow_context`: same numbers, no per-step concatenation or mask building."""
+        cache, keys, values, mask = flow
+        n_ctx = cache.mask.shape[1]
+        h = self._action_tokens(x.to(self.expert_norm.weight.dtype), t, cache.action_mask)
+        for block, kb, vb in zip(self.expert, keys, values, strict=True):
+            h = block.forward_cached(h, mask, kb, vb, n_ctx)
+        return self.action_out(self.expert_norm(h)).to(x.dtype)
+
+    @torch.inference_mode()
     def predict_progress(self, cache: PrefixCache) -> torch.Tensor:
         """Task progress (B,) in [0, 1] from the pooled prefix."""
         if not self.config.progress:
             raise RuntimeError("PhysisModel.predict_progress: this model was built with progress=False")
+        if cache.pooled is None:
+            raise ValueError("PhysisModel.predict_progress: the cache was encoded with pooled=False")
         out = self.progress_head(cache.pooled).squeeze(-1)
         return torch.sigmoid(out) if self.config.progress_loss == "bce" else out.clamp(0.0, 1.0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample_future(
         self,
         cache: PrefixCache,
@@ -367,12 +447,45 @@ class PhysisModel(nn.Module):
             z = z - dt * self._future_velocity(cache, actions, z, tau)
         return z.view(b, cache.cameras, g, cfg.latent_dim)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode_future(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, G, latent_dim) -> frames (B, C, 3, h, w) in [0, 1], for people to look at."""
         b, c = latents.shape[:2]
         frames = self.decoder(latents.flatten(0, 1))
         return frames.view(b, c, *frames.shape[1:])
+
+
+def inpainting_target(
+    actions: torch.Tensor | None, weights: torch.Tensor | None, shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Checked (actions (B, H, A), weights (B, H, 1)) for `sample_actions`, or None when not inpainting."""
+    if actions is None and weights is None:
+        return None
+    if actions is None or weights is None:
+        raise ValueError("PhysisModel.sample_actions: pass prefix_actions and prefix_weights together")
+    if tuple(actions.shape) != shape or tuple(weights.shape) != shape[:2]:
+        raise ValueError(
+            f"PhysisModel.sample_actions: expected prefix_actions {shape} and prefix_weights {shape[:2]}, found "
+            f"{tuple(actions.shape)} and {tuple(weights.shape)}"
+        )
+    if bool(((weights < 0) | (weights > 1)).any()):
+        raise ValueError("PhysisModel.sample_actions: prefix_weights must lie in [0, 1]")
+    return actions.float(), weights.float()[..., None]
+
+
+def inpainting_step(
+    x: torch.Tensor, v: torch.Tensor, t: float, dt: float, target: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """One Euler step from time t to t - dt that steers the clean estimate toward `target` by `weight`.
+
+    With x_t = t * noise + (1 - t) * x0 and v = noise - x0, the step splits x into its noise and clean
+    estimates, blends the clean one toward the target and recombines them at t - dt; weight 0 gives back
+    the plain Euler step x - dt * v.
+    """
+    clean = x - t * v
+    noise = x + (1.0 - t) * v
+    clean = torch.lerp(clean, target, weight)
+    return (t - dt) * noise + (1.0 - t + dt) * clean
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -6,11 +6,19 @@ unified space, encodes the prefix once, generates the subtask (when the model ha
 an action chunk with K flow steps, and maps it back: un-normalized, native order, clamped to the
 embodiment's limits. A chunk with a NaN is never returned: the last safe action is held instead and the
 output says so.
+
+`infer_batch` serves several clients in one forward pass (the policy server's micro-batching): each
+client's frame history, last safe action and random generator live in its own `PolicySession`, so a
+batch of one gives exactly what `infer` gives, and clients never see each other's state.
+
+`select_action` gives one action per control step from a chunk queue (open loop, temporal ensembling or
+real-time chunking, `physis.runtime.execution`); `backend` picks how the model runs (`physis.runtime.backends`).
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,32 +28,56 @@ import torch.nn.functional as F
 
 from physis.data.stats import Normalizer, stats_from_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace
+from physis.runtime.backends import make_engine
+from physis.runtime.execution import ChunkExecutor, ExecutionConfig
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the robot or observation it is asked to serve."""
 
 
+def pick_embodiment(specs: Sequence[EmbodimentSpec], embodiment: str | None) -> EmbodimentSpec:
+    """The checkpoint's spec for `embodiment`; None is fine when the checkpoint serves a single robot."""
+    names = [s.name for s in specs]
+    if embodiment is None:
+        if len(specs) != 1:
+            raise CheckpointMismatchError(f"this checkpoint serves several robots ({', '.join(names)}); name one")
+        embodiment = names[0]
+    if embodiment not in names:
+        raise CheckpointMismatchError(f"the checkpoint was trained for {', '.join(names)}, not {embodiment!r}")
+    return specs[names.index(embodiment)]
+
+
+class PolicySession:
+    """One client's inference state: its recent frames, its last safe action and its random generator."""
+
+    def __init__(self, history: int, last_safe: np.ndarray, seed: int = 0) -> None:
+        self.frames: deque[torch.Tensor] = deque(maxlen=history)  # each [C, 3, h, w]
+        self.last_safe = last_safe
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reset(self) -> None:
+        """A new episode: forget the frame history."""
+        self.frames.clear()
+
+
 class Policy:
     def __init__(self, model: Any, meta: dict[str, Any], stats: dict[str, Any], embodiment: str | None = None,
-                 flow_steps: int | None = None, text_encoder: Any = None, seed: int = 0):
+                 flow_steps: int | None = None, text_encoder: Any = None, seed: int = 0, backend: str = "eager",
+                 execution: ExecutionConfig | None = None, backend_options: dict[str, Any] | None = None):
         """`meta` is a checkpoint's config.json (robots, unified space, cameras, data layout); `stats` its
-        stats.json (normalization per robot)."""
+        stats.json (normalization per robot). `backend` runs the model, with `backend_options` (for onnx:
+        onnx_dir, where exported graphs are kept and reused; see physis.runtime.backends);
+        `execution` is how `select_action` turns chunks into actions (see physis.runtime.execution)."""
         from physis.model.text import TextEncoder
         from physis.model.vocab import SubtaskVocab
 
         self.model = model.eval()
         self.meta = meta
         specs = [EmbodimentSpec.from_dict(d, source="checkpoint") for d in meta["embodiments"]]
-        names = [s.name for s in specs]
-        if embodiment is None:
-            if len(specs) != 1:
-                raise CheckpointMismatchError(f"this checkpoint serves several robots ({', '.join(names)}); name one")
-            embodiment = names[0]
-        if embodiment not in names:
-            raise CheckpointMismatchError(f"the checkpoint was trained for {', '.join(names)}, not {embodiment!r}")
-        self.spec = specs[names.index(embodiment)]
-        self.embodiment_index = names.index(embodiment)
+        self.spec = pick_embodiment(specs, embodiment)
+        embodiment = self.spec.name
+        self.embodiment_index = specs.index(self.spec)
         space = UnifiedSpace.from_dict(meta["unified_space"])
         self.state_map, self.action_map = space.state_map(self.spec), space.action_map(self.spec)
         if embodiment not in stats:
@@ -62,9 +94,10 @@ class Policy:
         self.text = text_encoder if text_encoder is not None else TextEncoder()
         self.vocab = SubtaskVocab(meta.get("subtask_vocab") or [])
         self.lower, self.upper = self.spec.action_limits()
-        self._generator = torch.Generator().manual_seed(seed)
-        self._frames: deque[torch.Tensor] = deque(maxlen=self.history)
-        self._last_safe = np.clip(np.zeros(self.spec.action_dim), self.lower, self.upper)
+        self.session = self.new_session(seed)  # what `infer` and `reset` use
+        self.engine = make_engine(self.model, backend, **(backend_options or {}))
+        self.execution = execution or ExecutionConfig()
+        self._executor: ChunkExecutor | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, embodiment: str | None = None, **kwargs: Any) -> Policy:
@@ -78,10 +111,18 @@ class Policy:
         return cls(model, ckpt.config, ckpt.stats or {}, embodiment=embodiment, **kwargs)
 
     def reset(self) -> None:
-        self._frames.clear()
+        self.session.reset()
+        if self._executor is not None:
+            self._executor.reset()
+
+    def new_session(self, seed: int = 0) -> PolicySession:
+        """Fresh state for one more client of `infer_batch`."""
+        return PolicySession(self.history, np.clip(np.zeros(self.spec.action_dim), self.lower, self.upper), seed)
 
     # ------------------------------------------------------------------ observation -> batch
-    def _batch(self, obs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _batch(self, obs: dict[str, Any], session: PolicySession) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One observation as a batch of one, and its new frame [C, 3, h, w]; the session is not changed
+        here (the frame joins its history once the batch has been inferred)."""
         missing = [c for c in self.cameras if c not in obs.get("images", {})]
         if missing:
             raise CheckpointMismatchError(f"observation lacks cameras {missing}; the checkpoint reads {self.cameras}")
@@ -95,11 +136,9 @@ class Policy:
         while len(frames) < self.num_cameras:
             frames.append(torch.zeros(3, self.image_size, self.image_size))
         now = torch.stack(frames)  # [C, 3, h, w]
-        if not self._frames:
-            self._frames.extend([now] * self.history)  # the first frames repeat, as padding does in training
-        else:
-            self._frames.append(now)
-        images = torch.stack(list(self._frames), dim=1)[None]  # [1, C, T, 3, h, w]
+        # The first frames repeat, as padding does in training.
+        window = ([*session.frames, now] if session.frames else [now] * self.history)[-self.history:]
+        images = torch.stack(window, dim=1)[None]  # [1, C, T, 3, h, w]
         image_mask = torch.zeros(1, self.num_cameras, dtype=torch.bool)
         image_mask[0, : min(len(self.cameras), self.num_cameras)] = True
 
@@ -120,25 +159,101 @@ class Policy:
             "text": torch.as_tensor(text)[None], "text_mask": torch.as_tensor(text_mask)[None],
             "embodiment": torch.tensor([self.embodiment_index]),
             "action_mask": torch.from_numpy(self.action_map.mask)[None],  # the body's DoF, for sampling
-        }
+        }, now
 
     # ------------------------------------------------------------------ inference
+    def infer(self, obs: dict[str, Any], prefix_actions: np.ndarray | None = None,
+              prefix_weights: np.ndarray | None = None) -> dict[str, Any]:
+        """A chunk for one observation. prefix_actions (H, D) native actions already committed, with weights
+        (H,) in [0, 1], are inpainted into it (real-time chunking): weight-1 steps come back as given."""
+        if prefix_actions is None and prefix_weights is None:
+            return self.infer_batch([obs], [self.session])[0]
+        actions, weights = self._unified_prefix(prefix_actions, prefix_weights)
+        return self.infer_batch([obs], [self.session], prefix_actions=actions, prefix_weights=weights)[0]
+
+    def select_action(self, obs: dict[str, Any]) -> np.ndarray:
+        """One native action (D,) for this control step, from a queue of chunks run as `self.execution` says
+        (open_loop, ensemble or rtc); within the embodiment's limits."""
+        if self._executor is None:
+            def plan(o: dict[str, Any], prefix: np.ndarray | None, weights: np.ndarray | None) -> np.ndarray:
+                return self.infer(o, prefix, weights)["actions"]
+
+            self._executor = ChunkExecutor(self.execution, plan, self.model.config.horizon)
+        return np.clip(self._executor.step(obs), self.lower, self.upper)
+
+    def _unified_prefix(self, actions: np.ndarray | None,
+                        weights: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Committed native actions (H, D), weights (H,) -> normalized unified space (1, H, A), (1, H)."""
+        h = self.model.config.horizon
+        if actions is None or weights is None:
+            raise ValueError("Policy.infer: pass prefix_actions and prefix_weights together")
+        actions, weights = np.asarray(actions, np.float32), np.asarray(weights, np.float32)
+        if actions.shape != (h, self.spec.action_dim) or weights.shape != (h,):
+            raise ValueError(f"Policy.infer: expected prefix_actions ({h}, {self.spec.action_dim}) and prefix_weights "
+                             f"({h},), found {actions.shape} and {weights.shape}")
+        normalized = self.action_norm({"action": torch.from_numpy(actions)})["action"]
+        return self.action_map.to_unified(normalized)[None], torch.from_numpy(weights)[None]
+
     @torch.inference_mode()
-    def infer(self, obs: dict[str, Any]) -> dict[str, Any]:
-        batch = self._batch(obs)
-        out: dict[str, Any] = {}
-        cache = self.model.encode_prefix(batch)
-        if self.model.config.subtask and len(self.vocab.words):
-            ids, cache = self.model.generate_subtask(cache)
-            out["subtask"] = self.vocab.decode(ids[0].tolist())
-        unified = self.model.sample_actions(batch, steps=self.flow_steps, generator=self._generator, cache=cache)[0]
+    def infer_batch(self, observations: Sequence[dict[str, Any]], sessions: Sequence[PolicySession],
+                    prefix_actions: torch.Tensor | None = None,
+                    prefix_weights: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """One output per observation, as `infer` gives it, from one forward pass over all of them: the prefix
+        is encoded once for the batch and the flow steps run on every chunk at once; noise comes from each
+        observation's own session."""
+        if len(observations) != len(sessions):
+            raise ValueError(f"infer_batch: {len(observations)} observations but {len(sessions)} sessions")
+        if len({id(s) for s in sessions}) != len(sessions):
+            raise ValueError("infer_batch: a session appears twice in one batch")
+        if not observations:
+            return []
+        samples, frames = [], []
+        for i, (obs, session) in enumerate(zip(observations, sessions, strict=True)):
+            try:
+                sample, now = self._batch(obs, session)
+            except CheckpointMismatchError as e:
+                if len(observations) == 1:
+                    raise
+                raise CheckpointMismatchError(f"observation {i}: {e}") from None
+            samples.append(sample)
+            frames.append(now)
+        batch = {k: torch.cat([b[k] for b in samples]) for k in samples[0]}
+        subtasks, chunks = self._sample_batch(batch, sessions, prefix_actions, prefix_weights)
+        outs = []
+        for i, session in enumerate(sessions):
+            if session.frames:
+                session.frames.append(frames[i])
+            else:
+                session.frames.extend([frames[i]] * self.history)
+            outs.append(self._native(chunks[i], session))
+            if subtasks is not None:
+                outs[-1]["subtask"] = subtasks[i]
+        return outs
+
+    @torch.inference_mode()
+    def _sample_batch(self, batch: dict[str, torch.Tensor], sessions: Sequence[PolicySession],
+                      prefix_actions: torch.Tensor | None = None,
+                      prefix_weights: torch.Tensor | None = None) -> tuple[list[str] | None, torch.Tensor]:
+        """(subtasks or None, unified action chunks [B, H, A]); prefix_* are inpainted (unified, normalized)."""
+        cfg = self.model.config
+        cache = self.engine.encode_prefix(batch)
+        subtasks = None
+        if cfg.subtask and len(self.vocab.words):
+            ids, cache = self.engine.generate_subtask(cache)
+            subtasks = [self.vocab.decode(row.tolist()) for row in ids]
+        noise = None
+        if cfg.action_head == "flow":
+            noise = torch.cat([torch.randn((1, cfg.horizon, cfg.action_dim), generator=s.generator) for s in sessions])
+        return subtasks, self.engine.sample_actions(steps=self.flow_steps, noise=noise, cache=cache,
+                                                    prefix_actions=prefix_actions, prefix_weights=prefix_weights)
+
+    def _native(self, unified: torch.Tensor, session: PolicySession) -> dict[str, Any]:
+        """A unified chunk [H, A] -> {"actions": [H, D] native, clamped} (or the held last safe action)."""
         native = self.action_map.from_unified(unified.float())
         native = self.action_norm.unnormalize({"action": native})["action"].numpy().astype(np.float64)
         if not np.all(np.isfinite(native)):
-            out["actions"] = np.repeat(self._last_safe[None], len(native), axis=0)
-            out["unsafe"] = "the model produced a non-finite action; holding the last safe action"
-            return out
+            return {"actions": np.repeat(session.last_safe[None], len(native), axis=0),
+                    "unsafe": "the model produced a non-finite action; holding the last safe action"}
         native = np.clip(native, self.lower, self.upper)
-        self._last_safe = native[-1]
-        out["actions"] = native
-        return out
+        session.last_safe = native[-1]
+        return {"actions": native}

@@ -1,0 +1,277 @@
+"""Inference backends: one PhysisModel run eagerly in float32, with bf16 or int8 weights, compiled, or through
+ONNX Runtime, behind the calls a policy makes per chunk.
+
+Every engine offers `encode_prefix(batch)`, `generate_subtask(cache)`, `sample_actions(...)` (with the
+inpainting hook of `PhysisModel.sample_actions`) and `chunk(...)`, which does all three. Engines never encode
+the pooled prefix summary (only the progress head reads it). Samples stay float32 whatever the weights.
+
+  eager      the model as it is (float32)
+  bf16       a bf16 copy of the weights; the Euler state stays float32
+  int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
+  compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
+  onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
+  onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target
+from physis.model.trunk import PrefixCache
+from physis.model.vocab import BOS, EOS, PAD
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "bf16", "int8", "compile", "onnx", "onnx-int8")
+Batch = dict[str, torch.Tensor]
+
+
+class Engine:
+    """A PhysisModel run eagerly; `net` is the copy that does the work (the model itself for float32)."""
+
+    backend = "eager"
+
+    def __init__(self, model: PhysisModel, net: nn.Module | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.model = model.eval()
+        self.net = self.model if net is None else net.eval()
+        self.dtype = dtype
+        self.config = model.config
+
+    def inputs(self, batch: Batch) -> Batch:
+        """The batch with its float tensors in the weights' dtype."""
+        if self.dtype == torch.float32:
+            return batch
+        return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+    def encode_prefix(self, batch: Batch) -> PrefixCache:
+        return self.net.encode_prefix(self.inputs(batch), pooled=False)
+
+    def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
+        return self.net.generate_subtask(cache)
+
+    def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None, cache: PrefixCache | None = None,
+                       prefix_actions: torch.Tensor | None = None,
+                       prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """As `PhysisModel.sample_actions`: an action chunk (B, H, A), float32."""
+        if cache is None:
+            if batch is None:
+                raise ValueError(f"{type(self).__name__}.sample_actions: pass a batch or a cache")
+            cache = self.encode_prefix(batch)
+        return self.net.sample_actions(steps=steps, noise=noise, generator=generator, cache=cache,
+                                       prefix_actions=prefix_actions, prefix_weights=prefix_weights)
+
+    @torch.inference_mode()
+    def chunk(self, batch: Batch, steps: int | None = None, noise: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, subtask: bool = True,
+              prefix_actions: torch.Tensor | None = None,
+              prefix_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(subtask ids (B, Ls) or None, actions (B, H, A)) for one observation batch: encode, reason, act."""
+        cache = self.encode_prefix(batch)
+        ids = None
+        if subtask and self.config.subtask:
+            ids, cache = self.generate_subtask(cache)
+        actions = self.sample_actions(steps=steps, noise=noise, generator=generator, cache=cache,
+                                      prefix_actions=prefix_actions, prefix_weights=prefix_weights)
+        return ids, actions
+
+
+class _LoopEngine(Engine):
+    """Engines whose flow is a Python Euler loop around a separate velocity function (compile, onnx)."""
+
+    def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None, cache: PrefixCache | None = None,
+                       prefix_actions: torch.Tensor | None = None,
+                       prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if cache is None:
+            if batch is None:
+                raise ValueError(f"{type(self).__name__}.sample_actions: pass a batch or a cache")
+            cache = self.encode_prefix(batch)
+        cfg = self.config
+        if cfg.action_head != "flow":  # one pass, nothing to loop over: the model does it
+            return self.model.sample_actions(cache=cache, prefix_actions=prefix_actions, prefix_weights=prefix_weights)
+        shape = (cache.batch_size, cfg.horizon, cfg.action_dim)
+        guide = inpainting_target(prefix_actions, prefix_weights, shape)
+        x = noise.float() if noise is not None else torch.randn(shape, generator=generator)
+        velocity = self._velocity_fn(cache)
+        steps = steps or cfg.flow_steps
+        dt = 1.0 / steps
+        for i in range(steps):
+            t = 1.0 - i * dt
+            v = velocity(x, t)
+            x = x - dt * v if guide is None else inpainting_step(x, v, t, dt, *guide)
+        if guide is not None:
+            x = torch.where(guide[1] == 1, guide[0], x)
+        return x * cache.action_mask[:, None, :].float()
+
+
+class CompiledEngine(_LoopEngine):
+    """torch.compile (inductor) of the prefix encoder and the velocity network; compiled on first use, once per
+    input shape (with and without subtask tokens, the context differs)."""
+
+    backend = "compile"
+
+    def __init__(self, model: PhysisModel) -> None:
+        from physis.runtime.export import PrefixEncoder, VelocityNet
+
+        super().__init__(model)
+        self._encoder = torch.compile(PrefixEncoder(self.model), dynamic=False)
+        self._velocity = torch.compile(VelocityNet(self.model), dynamic=False)
+
+    @torch.inference_mode()
+    def encode_prefix(self, batch: Batch) -> PrefixCache:
+        from physis.runtime.export import BATCH_KEYS, stacked_cache
+
+        batch = _with_action_mask(batch, self.config.action_dim)
+        keys, values, mask = self._encoder(*(batch[k] for k in BATCH_KEYS))
+        return stacked_cache(keys, values, mask, batch["action_mask"].bool())
+
+    def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        keys, values = torch.stack(cache.keys), torch.stack(cache.values)
+        b = cache.batch_size
+        return lambda x, t: self._velocity(x, torch.full((b,), t), keys, values, cache.mask, cache.action_mask)
+
+
+class OnnxEngine(_LoopEngine):
+    """ONNX Runtime sessions for the encoder, the subtask step and the velocity network.
+
+    The graphs come from `export_onnx` into `onnx_dir` (a temporary directory by default); a directory that
+    already holds graphs of the same weights and config is reused, since exporting takes a while. With
+    int8=True the graphs' MatMul weights are quantized to int8 (ONNX Runtime's dynamic quantization) into
+    `onnx_dir/int8/` and those run instead.
+    """
+
+    backend = "onnx"
+
+    def __init__(self, model: PhysisModel, onnx_dir: str | Path | None = None, threads: int | None = None,
+                 int8: bool = False, spin: bool = False) -> None:
+        import onnxruntime as ort
+
+        from physis.runtime.export import export_onnx, exported_parts, quantize_onnx
+
+        super().__init__(model)
+        if onnx_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="physis-onnx-")
+            onnx_dir = self._tmp.name
+        self.onnx_dir = Path(onnx_dir)
+        parts = ("encoder", "subtask", "velocity") if self.config.subtask else ("encoder", "velocity")
+        if not set(parts) <= set(exported_parts(self.model, self.onnx_dir)):
+            export_onnx(self.model, self.onnx_dir, parts=parts)
+        graphs = {p: self.onnx_dir / f"{p}.onnx" for p in parts}
+        if int8:
+            for p, path in graphs.items():
+                graphs[p] = self.onnx_dir / "int8" / path.name
+                if not graphs[p].is_file() or graphs[p].stat().st_mtime_ns < path.stat().st_mtime_ns:
+                    quantize_onnx(path, graphs[p])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Idle worker threads sleep instead of spinning: where another process shares a core (a robot's own
+        # stack, a training run) spinning threads made a chunk ~8x slower at 2 threads; spin=True on a quiet box.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        self._sessions = {p: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                          for p, path in graphs.items()}
+        self._inputs = {p: [i.name for i in s.get_inputs()] for p, s in self._sessions.items()}
+
+    def _run(self, part: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self._sessions[part].run(None, {k: feeds[k] for k in self._inputs[part]})
+
+    @torch.inference_mode()
+    def encode_prefix(self, batch: Batch) -> PrefixCache:
+        from physis.runtime.export import stacked_cache
+
+        batch = _with_action_mask(batch, self.config.action_dim)
+        keys, values, mask = self._run("encoder", {k: v.numpy() for k, v in batch.items()})
+        return stacked_cache(torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(mask),
+                             batch["action_mask"].bool())
+
+    @torch.inference_mode()
+    def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
+        """Greedy ids as `PhysisModel.generate_subtask`, one graph call per token; the keys/values of earlier
+        tokens wait in numpy buffers that become the extended cache."""
+        if not self.config.subtask:
+            raise RuntimeError("OnnxEngine.generate_subtask: this model was built with subtask=False")
+        base = cache.prefix_only()
+        b, n, p = base.batch_size, self.config.max_subtask_tokens, base.prefix_len
+        keys = torch.stack(base.keys)
+        layers, _, heads, _, hd = keys.shape
+        kbuf = np.zeros((layers, b, heads, p + n, hd), np.float32)
+        vbuf = np.zeros_like(kbuf)
+        kbuf[..., :p, :], vbuf[..., :p, :] = keys.numpy(), torch.stack(base.values).numpy()
+        mask = np.full((b, 1, 1, p + n), -np.inf, np.float32)
+        mask[:, 0, 0, :p][base.mask.numpy()] = 0.0
+        ids = np.full((b, n), PAD, np.int64)
+        ids[:, 0] = BOS
+        done = np.zeros(b, dtype=bool)
+        for i in range(n):
+            logits, k, v = self._run("subtask", {"token": ids[:, i : i + 1], "position": np.array([i], np.int64),
+                                                 "keys": kbuf, "values": vbuf, "mask": mask})
+            kbuf[..., p + i, :], vbuf[..., p + i, :] = k[..., 0, :], v[..., 0, :]
+            mask[..., p + i] = 0.0
+            if i + 1 == n or done.all():
+                break
+            logits[:, [PAD, BOS]] = -np.inf
+            nxt = np.where(done, PAD, logits.argmax(-1))
+            ids[:, i + 1] = nxt
+            done |= nxt == EOS
+        ids_t = torch.from_numpy(ids)
+        extended = PrefixCache(list(torch.from_numpy(kbuf).unbind(0)), list(torch.from_numpy(vbuf).unbind(0)),
+                               torch.cat([base.mask, ids_t != PAD], 1), base.pooled, base.action_mask,
+                               base.prefix_len, base.cameras, ids_t)
+        return ids_t, extended
+
+    def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
+        b = cache.batch_size
+        feeds = {"keys": torch.stack(cache.keys).numpy(), "values": torch.stack(cache.values).numpy(),
+                 "ctx_mask": cache.mask.numpy(), "action_mask": cache.action_mask.numpy()}
+
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            out = self._run("velocity", {**feeds, "x": x.numpy(), "t": np.full((b,), t, np.float32)})[0]
+            return torch.from_numpy(out)
+
+        return velocity
+
+
+def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> Engine:
+    """An engine for `backend` (one of BACKENDS); options go to the engine (onnx: onnx_dir, threads, spin)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown inference backend {backend!r}; expected one of {BACKENDS}")
+    model = model.eval()
+    if backend == "eager":
+        return Engine(model)
+    if backend == "bf16":
+        engine = Engine(model, copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16)
+    elif backend == "int8":
+        with warnings.catch_warnings():  # the eager quantization API warns that it is deprecated; it still works
+            warnings.simplefilter("ignore")
+            net = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        engine = Engine(model, net)
+    elif backend == "compile":
+        engine = CompiledEngine(model)
+    else:
+        engine = OnnxEngine(model, int8=backend == "onnx-int8", **options)
+    engine.backend = backend
+    return engine
+
+
+def _with_action_mask(batch: Batch, action_dim: int) -> Batch:
+    if "action_mask" in batch:
+        return batch
+    b = batch["images"].shape[0]
+    return {**batch, "action_mask": torch.ones(b, action_dim, dtype=torch.bool)}

@@ -1,0 +1,247 @@
+"""`physis bench latency`: milliseconds per action chunk at batch 1, per preset, flow steps, cache and backend.
+
+A chunk is what a policy computes per re-plan: encode the observation prefix, generate the subtask (when the
+model has that head) and run K flow steps. With the cache off, the prefix (and the subtask tokens over it) is
+re-encoded for every flow step, as a model without a prefix cache would. Each configuration also reports its
+FLOPs (counted once, on the float32 model) and the ratio of its median time to a floor: the time this machine
+takes for one matmul with the same FLOPs, in the backend's dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from physis.model.config import ModelConfig
+from physis.model.physis_model import PhysisModel
+from physis.model.vocab import PAD
+from physis.runtime.backends import BACKENDS, Engine, make_engine
+from physis.runtime.export import example_batch
+
+VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
+EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
+
+
+@dataclass(frozen=True)
+class LatencyBenchConfig:
+    out: Path = Path("outputs/bench-latency")
+    """Where results.json goes."""
+    presets: tuple[str, ...] = ("tiny", "small", "base")
+    """Model presets, with random weights (ignored with --checkpoint)."""
+    checkpoint: Path | None = None
+    """A run or checkpoint directory: time its model instead of the presets."""
+    steps: tuple[int, ...] = (1, 5, 10)
+    """Flow steps per chunk."""
+    cache: tuple[bool, ...] = (True, False)
+    """With and without the prefix cache."""
+    backends: tuple[str, ...] = BACKENDS
+    """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8)."""
+    cameras: int = 2
+    image_size: int = 96
+    subtask: bool = True
+    """Generate the subtask before acting (when the model has that head)."""
+    threads: int = 0
+    """Threads for torch and ONNX Runtime; 0: every core this process may use."""
+    repeats: int = 50
+    """Timed chunks per configuration (at most)."""
+    seconds: float = 10.0
+    """Time budget per configuration: stop early once spent (after at least 5 chunks)."""
+    warmup: int = 3
+    onnx_dir: Path | None = None
+    """Where exported ONNX graphs are kept (per preset) and reused by the next run; default OUT/onnx."""
+    seed: int = 0
+    progress: bool = True
+
+
+def run(cfg: LatencyBenchConfig) -> dict[str, Any]:
+    """Time every configuration; writes cfg.out/results.json and returns its content."""
+    unknown = sorted(set(cfg.backends) - set(BACKENDS))
+    if unknown:
+        raise ValueError(f"bench latency: unknown backends {unknown}; expected some of {BACKENDS}")
+    threads = cfg.threads or len(os.sched_getaffinity(0))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(cfg, threads)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
+    from physis.progress import progress_bar
+
+    models = _models(cfg)
+    plan = [(name, backend, steps, cache) for name in models for backend in cfg.backends for steps in cfg.steps
+            for cache in cfg.cache]
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    setup: dict[str, float] = {}
+    floors: dict[tuple[int, str], float] = {}
+    with progress_bar("timing", "config", enabled=cfg.progress) as bar:
+        task = bar.add_task("chunks", total=len(plan), config="")
+        for name, model in models.items():
+            batch = example_batch(model, seed=cfg.seed)
+            flops = {(steps, cache): count_flops(model, batch, steps, cache, cfg.subtask)
+                     for steps in cfg.steps for cache in cfg.cache}
+            for backend in cfg.backends:
+                bar.update(task, config=f"{name} {backend} (building)")
+                t0 = time.perf_counter()
+                try:
+                    options = {"onnx_dir": (cfg.onnx_dir or cfg.out / "onnx") / name} if backend.startswith("onnx") \
+                        else {}
+                    engine = make_engine(model, backend, **options)
+                    engine.chunk(batch, steps=1, subtask=cfg.subtask)  # compiles / loads lazily
+                except Exception as e:  # a backend this machine lacks (a compiler, onnxruntime) is reported, not fatal
+                    skipped.append({"preset": name, "backend": backend, "reason": f"{type(e).__name__}: {e}"[:300]})
+                    bar.advance(task, len(cfg.steps) * len(cfg.cache))
+                    continue
+                setup[f"{name}/{backend}"] = time.perf_counter() - t0
+                for steps in cfg.steps:
+                    for cache in cfg.cache:
+                        bar.update(task, config=f"{name} {backend} K={steps} cache={'on' if cache else 'off'}")
+                        if not cache and backend not in EAGER_FAMILY:
+                            skipped.append({"preset": name, "backend": backend, "steps": steps, "cache": False,
+                                            "reason": "the uncached baseline runs on the eager backends only"})
+                        else:
+                            row = _time_config(cfg, engine, batch, steps, cache)
+                            dtype = "bfloat16" if backend == "bf16" else "float32"
+                            n_flops, sub_tokens = flops[(steps, cache)]
+                            key = (n_flops, dtype)
+                            if key not in floors:
+                                floors[key] = matmul_floor_ms(n_flops, getattr(torch, dtype))
+                            results.append({
+                                "preset": name, "backend": backend, "steps": steps, "cache": cache, "batch": 1,
+                                "cameras": model.config.cameras, "image_size": model.config.image_size,
+                                "params": model.num_parameters(), "subtask_tokens": sub_tokens, **row,
+                                "gflop": n_flops / 1e9, "floor_ms": floors[key], "floor_dtype": dtype,
+                                "ratio_to_floor": row["p50_ms"] / floors[key],
+                            })
+                        bar.advance(task)
+                del engine
+    result = {
+        "benchmark": "latency",
+        "config": {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+                   for k, v in asdict(cfg).items()},
+        "threads": threads,
+        "results": results,
+        "skipped": skipped,
+        "setup_s": setup,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "date": date.today().isoformat(),
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _models(cfg: LatencyBenchConfig) -> dict[str, PhysisModel]:
+    """{label: model}: the checkpoint's model, or each preset with random weights."""
+    if cfg.checkpoint is not None:
+        from physis.train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(cfg.checkpoint, training_state=False)
+        model = PhysisModel(ModelConfig.from_dict(ckpt.config["model"]))
+        model.load_state_dict(ckpt.ema_state or ckpt.model_state)
+        return {f"{model.config.preset_name} ({cfg.checkpoint.name})": model.eval()}
+    models = {}
+    for name in cfg.presets:
+        torch.manual_seed(cfg.seed)
+        config = ModelConfig.preset(name, cameras=cfg.cameras, image_size=cfg.image_size, subtask_vocab=VOCAB)
+        models[name] = PhysisModel(config).eval()
+    return models
+
+
+def _chunk_fn(engine: Engine, batch: dict[str, torch.Tensor], steps: int, cache: bool, subtask: bool,
+              noise: torch.Tensor):
+    if cache:
+        return lambda: engine.chunk(batch, steps=steps, noise=noise, subtask=subtask)
+    return lambda: uncached_chunk(engine, batch, steps, noise, subtask)
+
+
+def _time_config(cfg: LatencyBenchConfig, engine: Engine, batch: dict[str, torch.Tensor], steps: int,
+                 cache: bool) -> dict[str, float]:
+    noise = torch.randn(1, engine.config.horizon, engine.config.action_dim, generator=torch.Generator().manual_seed(0))
+    fn = _chunk_fn(engine, batch, steps, cache, cfg.subtask, noise)
+    for _ in range(cfg.warmup):
+        fn()
+    times: list[float] = []
+    cpu: list[float] = []  # CPU time of the whole process: a steadier figure where the machine is shared
+    start = time.perf_counter()
+    while len(times) < cfg.repeats and (len(times) < 5 or time.perf_counter() - start < cfg.seconds):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    ms = np.asarray(times)
+    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+            "cpu_p50_ms": float(np.median(cpu)), "repeats": len(times)}
+
+
+@torch.inference_mode()
+def uncached_chunk(engine: Engine, batch: dict[str, torch.Tensor], steps: int, noise: torch.Tensor,
+                   subtask: bool = True) -> torch.Tensor:
+    """A chunk without the prefix cache: the prefix, and the subtask tokens over it, are encoded again for
+    every flow step (the subtask itself is generated once, as with the cache)."""
+    net = engine.net
+    ids = None
+    if subtask and engine.config.subtask:
+        ids, _ = engine.generate_subtask(engine.encode_prefix(batch))
+    x, dt = noise, 1.0 / steps
+    for i in range(steps):
+        cache = engine.encode_prefix(batch)
+        if ids is not None:
+            cache = net.extend_subtask(cache, ids)
+        x = x - dt * net.predict_velocity(cache, x, torch.full((x.shape[0],), 1.0 - i * dt))
+    return x
+
+
+def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    # (B, heads, nq, d) x (B, heads, nk, d): scores and the weighted sum of values, 2 FLOPs per multiply-add
+    b, h, nq, d = query
+    nk, dv = key[-2], value[-1]
+    return 2 * b * h * nq * nk * (d + dv)
+
+
+def count_flops(model: PhysisModel, batch: dict[str, torch.Tensor], steps: int, cache: bool,
+                subtask: bool) -> tuple[int, int]:
+    """(FLOPs of one chunk on the float32 model, subtask tokens generated). Matmuls, convolutions and attention
+    count; elementwise work does not."""
+    engine = Engine(model)
+    noise = torch.zeros(1, model.config.horizon, model.config.action_dim)
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        if cache:
+            ids, _ = engine.chunk(batch, steps=steps, noise=noise, subtask=subtask)
+        else:
+            uncached_chunk(engine, batch, steps, noise, subtask)
+    with torch.inference_mode():
+        ids = engine.generate_subtask(engine.encode_prefix(batch))[0] if subtask and model.config.subtask else None
+    tokens = 0 if ids is None else int((ids[0] != PAD).sum()) - 1  # after BOS
+    return int(counter.get_total_flops()), tokens
+
+
+def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """Median milliseconds of one square matmul with `flops` FLOPs in `dtype` on this machine."""
+    n = max(16, round((flops / 2) ** (1 / 3)))
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3 * flops / (2 * n**3)

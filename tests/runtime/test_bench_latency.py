@@ -1,0 +1,49 @@
+"""`physis bench latency` on the tiny preset: the JSON it writes and the FLOP count it rests on."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from physis.runtime.bench_latency import LatencyBenchConfig, count_flops, matmul_floor_ms, run
+
+
+def test_bench_latency_writes_every_field(tmp_path) -> None:
+    cfg = LatencyBenchConfig(out=tmp_path, presets=("tiny",), steps=(2,), cache=(True, False), backends=("eager",),
+                             image_size=32, repeats=3, seconds=0.5, warmup=1, threads=1, progress=False)
+    result = run(cfg)
+    assert json.loads((tmp_path / "results.json").read_text()) == result
+    assert result["benchmark"] == "latency" and result["threads"] == 1 and result["skipped"] == []
+    on, off = result["results"]
+    assert (on["cache"], off["cache"]) == (True, False)
+    for row in (on, off):
+        assert {"preset", "backend", "steps", "cache", "batch", "cameras", "image_size", "params", "subtask_tokens",
+                "p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "cpu_p50_ms", "repeats", "gflop", "floor_ms",
+                "floor_dtype", "ratio_to_floor"} <= set(row)
+        assert row["preset"] == "tiny" and row["backend"] == "eager" and row["steps"] == 2 and row["batch"] == 1
+        assert row["cameras"] == 2 and row["repeats"] == 3 and row["floor_dtype"] == "float32"
+        assert 0 < row["min_ms"] <= row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["floor_ms"] > 0 and row["ratio_to_floor"] == row["p50_ms"] / row["floor_ms"]
+    assert off["gflop"] > on["gflop"] > 0  # without the cache the prefix is encoded once per step
+    assert "tiny/eager" in result["setup_s"] and result["machine"]["torch"] == torch.__version__
+
+
+def test_flop_count_grows_with_steps_and_counts_attention() -> None:
+    from physis.model import ModelConfig, PhysisModel
+    from physis.runtime.export import example_batch
+
+    torch.manual_seed(0)
+    model = PhysisModel(ModelConfig.preset("tiny", image_size=32, cameras=2, subtask=False)).eval()
+    batch = example_batch(model)
+    one, _ = count_flops(model, batch, 1, True, subtask=False)
+    three, tokens = count_flops(model, batch, 3, True, subtask=False)
+    per_step = (three - one) // 2
+    cfg = model.config
+    h, a, de, d, hidden = cfg.horizon, cfg.action_dim, cfg.expert_width, cfg.width, int(cfg.expert_width * 4)
+    n_keys = batch["images"].shape[1] * cfg.patch_grid**2 + cfg.max_text_tokens + 2 + h
+    linear = 2 * h * (2 * a * de + 2 * de * de + de * de + de * a)  # action in, time MLP, out
+    linear += cfg.depth * 2 * h * (de * 3 * d + d * de + 2 * de * hidden)  # qkv, proj, MLP per expert layer
+    attention = cfg.depth * 2 * cfg.heads * h * n_keys * 2 * cfg.head_dim  # scores and weighted values
+    assert tokens == 0 and per_step == linear + attention
+    assert matmul_floor_ms(per_step, torch.float32) > 0

@@ -1,0 +1,106 @@
+"""ONNX export and the inference backends against the eager float32 model (tiny preset, random weights)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from physis.model import ModelConfig, PhysisModel
+from physis.runtime.backends import make_engine
+from physis.runtime.export import example_batch, export_onnx
+
+pytest.importorskip("onnxruntime")
+H, A = 8, 7
+
+
+@pytest.fixture(scope="module")
+def model() -> PhysisModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", image_size=32, action_dim=A, state_dim=5, horizon=H, cameras=2,
+                             subtask_vocab=("reach", "the", "goal", "push", "block"))
+    return PhysisModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    paths = export_onnx(model, out, parts=("encoder", "subtask", "velocity", "flow"), steps=3)
+    assert sorted(paths) == ["encoder", "flow", "subtask", "velocity"]
+    assert all(p.stat().st_size > 0 for p in paths.values())
+    return out
+
+
+def batch_of(model: PhysisModel, b: int, seed: int) -> dict[str, torch.Tensor]:
+    """Another batch size, instruction length and camera set than the graphs were exported with."""
+    batch = example_batch(model, batch=b, seed=seed)
+    batch["text"], batch["text_mask"] = batch["text"][:, :24].clone(), batch["text_mask"][:, :24].clone()
+    batch["text_mask"][:, 20:] = False
+    batch["image_mask"][-1, 1] = False
+    return batch
+
+
+def test_onnx_engine_matches_eager(model, onnx_dir) -> None:
+    stamp = (onnx_dir / "encoder.onnx").stat().st_mtime_ns
+    engine = make_engine(model, "onnx", onnx_dir=onnx_dir)  # reuses the exported encoder, subtask and velocity
+    assert (onnx_dir / "encoder.onnx").stat().st_mtime_ns == stamp
+    eager = make_engine(model)
+    for b, subtask in ((1, True), (3, True), (2, False)):
+        batch = batch_of(model, b, seed=b)
+        noise = torch.randn(b, H, A, generator=torch.Generator().manual_seed(b))
+        ids, actions = engine.chunk(batch, steps=3, noise=noise, subtask=subtask)
+        ref_ids, ref = eager.chunk(batch, steps=3, noise=noise, subtask=subtask)
+        assert (ids is None and ref_ids is None) or torch.equal(ids, ref_ids)
+        assert torch.allclose(actions, ref, atol=1e-4), (actions - ref).abs().max()
+    assert engine.onnx_dir == onnx_dir
+    marker = json.loads((onnx_dir / "physis-onnx.json").read_text())
+    assert marker["parts"] == ["encoder", "subtask", "velocity", "flow"] and marker["flow_steps"] == 3
+
+
+@torch.inference_mode()
+def test_onnx_flow_graph_inpaints_like_the_model(model, onnx_dir) -> None:
+    import onnxruntime as ort
+
+    batch = batch_of(model, 2, seed=7)
+    cache = model.generate_subtask(model.encode_prefix(batch, pooled=False))[1]
+    g = torch.Generator().manual_seed(7)
+    noise, target = torch.randn(2, H, A, generator=g), torch.randn(2, H, A, generator=g)
+    weights = torch.zeros(2, H)
+    weights[:, :2], weights[:, 2:4] = 1.0, 0.5
+    ref = model.sample_actions(cache=cache, noise=noise, steps=3, prefix_actions=target, prefix_weights=weights)
+    session = ort.InferenceSession(str(onnx_dir / "flow.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"noise": noise, "keys": torch.stack(cache.keys), "values": torch.stack(cache.values),
+             "ctx_mask": cache.mask, "action_mask": cache.action_mask, "prefix_actions": target,
+             "prefix_weights": weights}
+    out = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    assert np.allclose(out, ref.numpy(), atol=1e-4)
+    assert np.array_equal(out[:, :2], target[:, :2].numpy())
+
+
+@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1)])
+def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
+    batch = batch_of(model, 2, seed=3)
+    noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(3))
+    _, ref = make_engine(model).chunk(batch, steps=3, noise=noise, subtask=False)
+    _, out = make_engine(model, backend).chunk(batch, steps=3, noise=noise, subtask=False)
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < tol
+    assert next(model.parameters()).dtype == torch.float32  # the engines work on copies
+
+
+def test_unknown_backend_and_part_are_reported(model, tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown inference backend 'tensorrt'"):
+        make_engine(model, "tensorrt")
+    with pytest.raises(ValueError, match="unknown parts"):
+        export_onnx(model, tmp_path, parts=("decoder",))
+
+
+def test_onnx_int8_graphs_stay_close(model, onnx_dir) -> None:
+    engine = make_engine(model, "onnx-int8", onnx_dir=onnx_dir)
+    assert (onnx_dir / "int8" / "velocity.onnx").is_file()
+    batch = batch_of(model, 2, seed=4)
+    noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(4))
+    _, ref = make_engine(model).chunk(batch, steps=3, noise=noise, subtask=False)
+    _, out = engine.chunk(batch, steps=3, noise=noise, subtask=False)
+    assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.1
