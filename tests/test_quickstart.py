@@ -160,6 +160,8 @@ def test_bad_settings_are_clear_errors(tmp_path):
         make_plan(QuickstartConfig(out=tmp_path, **{**TINY, "steps": 0, "minutes": 0.0}))
     with pytest.raises(ValueError, match="--eval-episodes must be >= 1"):
         make_plan(QuickstartConfig(out=tmp_path, **{**TINY, "eval_episodes": 0}))
+    with pytest.raises(ValueError, match="--image-size 64 is not a multiple of the patch size 12 \\(preset small\\)"):
+        make_plan(QuickstartConfig(out=tmp_path, **{**TINY, "preset": "small", "image_size": 64}))
 
 
 def _flags(settings: dict) -> list[str]:

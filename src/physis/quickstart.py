@@ -37,6 +37,7 @@ from typing import Any
 from physis.eval.heads import HeadsConfig
 from physis.eval.runner import EvalConfig
 from physis.eval.trace import TraceConfig
+from physis.model.config import PRESETS
 from physis.sim.collect import COLLECTION_META, CollectConfig
 from physis.train.run import TrainCommand
 
@@ -71,6 +72,7 @@ class QuickstartConfig:
     batch_size: int = 32  # training
     lr: float = 4e-4  # peak learning rate (warmup, then cosine)
     image_size: int = 96  # camera images, square
+    patch_size: int = 0  # image patch side; 0: the preset's (it must divide --image-size)
     horizon: int = 16  # action chunk length
     replan_every: int = 8  # evaluation: ask the model again after this many steps of each chunk (0: open loop)
     max_steps: int = 0  # evaluation and trace episode limit; 0: the suite's
@@ -117,6 +119,12 @@ def make_plan(cfg: QuickstartConfig) -> Plan:
     if cfg.minutes < 0 or cfg.steps < 0 or (cfg.minutes == 0 and cfg.steps == 0):
         raise ValueError(f"give a training budget: --minutes > 0 or --steps > 0 (got --minutes {cfg.minutes} "
                          f"--steps {cfg.steps})")
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown --preset {cfg.preset!r}; expected one of {', '.join(PRESETS)}")
+    patch = cfg.patch_size or PRESETS[cfg.preset]["patch_size"]
+    if cfg.image_size % patch:
+        raise ValueError(f"--image-size {cfg.image_size} is not a multiple of the patch size {patch} "
+                         f"({'--patch-size' if cfg.patch_size else 'preset ' + cfg.preset}); change one of them")
     trace_task = cfg.trace_task or tasks[0]
     if trace_task not in tasks:
         raise ValueError(f"--trace-task {trace_task!r} is not one of --tasks {', '.join(tasks)}")
@@ -129,7 +137,8 @@ def make_plan(cfg: QuickstartConfig) -> Plan:
     run = cfg.out / "run"
     train = TrainCommand(data=(collect.out,), out=run, preset=cfg.preset, steps=cfg.train_steps(),
                          minutes=cfg.minutes, batch_size=cfg.batch_size, lr=cfg.lr, device=cfg.device,
-                         horizon=cfg.horizon, image_size=cfg.image_size, seed=cfg.seed, workers=cfg.train_workers,
+                         horizon=cfg.horizon, image_size=cfg.image_size, patch_size=cfg.patch_size, seed=cfg.seed,
+                         workers=cfg.train_workers,
                          warmup=min(100, max(1, cfg.train_steps() // 10)), save_every=cfg.save_every,
                          log_every=max(1, min(10, cfg.train_steps() // 50)),
                          progress=cfg.progress)
@@ -296,7 +305,7 @@ def _train(stages: StageLog, cmd: TrainCommand, demos_id: str, budget_minutes: f
     from physis.train.run import train
 
     key = {"demos": demos_id, **{k: getattr(cmd, k) for k in ("preset", "steps", "batch_size", "lr", "horizon",
-                                                            "image_size", "seed", "warmup")}}
+                                                            "image_size", "patch_size", "seed", "warmup")}}
     ckpt = latest_checkpoint(cmd.out)
     done = stages.finished("train", key)
     if done is not None and ckpt is not None and (cmd.out / "summary.json").is_file():

@@ -122,7 +122,7 @@ def _header(r: dict[str, Any]) -> str:
         gain = 1 - h["world_model_latent_mse"] / max(h["copy_baseline_latent_mse"], 1e-12)
         shown = f"−{gain:.0%}" if gain > 0 else f"+{-gain:.0%}" if gain > -1 else f"{1 - gain:.1f}×"
         cards.append(_card(shown, "world-model error vs 'nothing changes'",
-                           note="latent error of the predicted future frame"))
+                           note="latent error of the predicted future frame; lower is better"))
     cards.append(_card(f"{t['steps']:,}", f"training steps in {t['seconds'] / 60:.1f} min",
                        "training.steps", t["steps"], f"{t['samples_per_s']:.0f} samples/s on {t['device']}"))
     budget = f"{t['budget_minutes']:g} minutes" if t["budget_minutes"] else f"{t['target_steps']} steps"

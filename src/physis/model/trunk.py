@@ -162,5 +162,6 @@ def expert_attention_mask(ctx_mask: torch.Tensor, n_action: int, n_future: int) 
     b = ctx_mask.shape[0]
     n = n_action + n_future
     own = torch.ones(n, n, dtype=torch.bool, device=ctx_mask.device)
-    own[:n_action, n_action:] = False
+    if n_future:  # (an empty slice assignment trips the ONNX exporter)
+        own[:n_action, n_action:] = False
     return torch.cat([key_mask(ctx_mask, n), own.expand(b, 1, n, n)], dim=-1)

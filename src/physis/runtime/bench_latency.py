@@ -4,7 +4,11 @@ A chunk is what a policy computes per re-plan: encode the observation prefix, ge
 model has that head) and run K flow steps. With the cache off, the prefix (and the subtask tokens over it) is
 re-encoded for every flow step, as a model without a prefix cache would. Each configuration also reports its
 FLOPs (counted once, on the float32 model) and the ratio of its median time to a floor: the time this machine
-takes for one matmul with the same FLOPs, in the backend's dtype.
+takes for one matmul with the same FLOPs, in the backend's dtype (the best of 20 runs).
+
+The configurations of a preset are timed round-robin, five chunks at a time, so that whatever else the machine
+does meanwhile falls on all of them alike; `cpu_p50_ms` (process CPU time per chunk) is the steadier figure
+on a shared machine, p50/p90/p99 (wall clock) the ones a control loop sees.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from physis.runtime.export import example_batch
 
 VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
 EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
+BLOCK = 5  # chunks timed back to back per configuration and round
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,9 @@ class LatencyBenchConfig:
     threads: int = 0
     """Threads for torch and ONNX Runtime; 0: every core this process may use."""
     repeats: int = 50
-    """Timed chunks per configuration (at most)."""
+    """Timed chunks per configuration (at most), taken 5 at a time, round-robin over the configurations."""
     seconds: float = 10.0
-    """Time budget per configuration: stop early once spent (after at least 5 chunks)."""
+    """Time budget per configuration: it gets no more chunks once spent (after at least 5)."""
     warmup: int = 3
     onnx_dir: Path | None = None
     """Where exported ONNX graphs are kept (per preset) and reused by the next run; default OUT/onnx."""
@@ -81,53 +86,49 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
     from physis.progress import progress_bar
 
     models = _models(cfg)
-    plan = [(name, backend, steps, cache) for name in models for backend in cfg.backends for steps in cfg.steps
-            for cache in cfg.cache]
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     setup: dict[str, float] = {}
-    floors: dict[tuple[int, str], float] = {}
+    rounds = -(-cfg.repeats // BLOCK)
+    n_configs = len(cfg.backends) * len(cfg.steps) * len(cfg.cache)
     with progress_bar("timing", "config", enabled=cfg.progress) as bar:
-        task = bar.add_task("chunks", total=len(plan), config="")
+        task = bar.add_task("chunks", total=len(models) * (len(cfg.backends) + rounds * n_configs), config="")
         for name, model in models.items():
             batch = example_batch(model, seed=cfg.seed)
-            flops = {(steps, cache): count_flops(model, batch, steps, cache, cfg.subtask)
-                     for steps in cfg.steps for cache in cfg.cache}
+            engines = {}
             for backend in cfg.backends:
                 bar.update(task, config=f"{name} {backend} (building)")
                 t0 = time.perf_counter()
                 try:
                     options = {"onnx_dir": (cfg.onnx_dir or cfg.out / "onnx") / name} if backend.startswith("onnx") \
                         else {}
-                    engine = make_engine(model, backend, **options)
-                    engine.chunk(batch, steps=1, subtask=cfg.subtask)  # compiles / loads lazily
+                    engines[backend] = make_engine(model, backend, **options)
+                    engines[backend].chunk(batch, steps=1, subtask=cfg.subtask)  # compiles / loads lazily
+                    setup[f"{name}/{backend}"] = time.perf_counter() - t0
                 except Exception as e:  # a backend this machine lacks (a compiler, onnxruntime) is reported, not fatal
                     skipped.append({"preset": name, "backend": backend, "reason": f"{type(e).__name__}: {e}"[:300]})
-                    bar.advance(task, len(cfg.steps) * len(cfg.cache))
-                    continue
-                setup[f"{name}/{backend}"] = time.perf_counter() - t0
+                bar.advance(task)
+            timers = []
+            for backend, engine in engines.items():
                 for steps in cfg.steps:
                     for cache in cfg.cache:
-                        bar.update(task, config=f"{name} {backend} K={steps} cache={'on' if cache else 'off'}")
                         if not cache and backend not in EAGER_FAMILY:
                             skipped.append({"preset": name, "backend": backend, "steps": steps, "cache": False,
                                             "reason": "the uncached baseline runs on the eager backends only"})
                         else:
-                            row = _time_config(cfg, engine, batch, steps, cache)
-                            dtype = "bfloat16" if backend == "bf16" else "float32"
-                            n_flops, sub_tokens = flops[(steps, cache)]
-                            key = (n_flops, dtype)
-                            if key not in floors:
-                                floors[key] = matmul_floor_ms(n_flops, getattr(torch, dtype))
-                            results.append({
-                                "preset": name, "backend": backend, "steps": steps, "cache": cache, "batch": 1,
-                                "cameras": model.config.cameras, "image_size": model.config.image_size,
-                                "params": model.num_parameters(), "subtask_tokens": sub_tokens, **row,
-                                "gflop": n_flops / 1e9, "floor_ms": floors[key], "floor_dtype": dtype,
-                                "ratio_to_floor": row["p50_ms"] / floors[key],
-                            })
-                        bar.advance(task)
-                del engine
+                            timers.append(_Timer(cfg, engine, batch, steps, cache))
+            # Round-robin over the configurations, a few chunks each, so that whatever else the machine does
+            # during the run falls on all of them alike.
+            for _ in range(rounds):
+                for timer in timers:
+                    bar.update(task, config=timer.label(name))
+                    timer.run(BLOCK)
+                    bar.advance(task)
+                bar.advance(task, n_configs - len(timers))
+            memo: dict[tuple, Any] = {}  # FLOPs per (steps, cache), floors per (FLOPs, dtype): shared by backends
+            for timer in timers:
+                results.append(_row(cfg, name, model, batch, timer, memo))
+            del engines, timers
     result = {
         "benchmark": "latency",
         "config": {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
@@ -145,6 +146,59 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
     return result
 
 
+class _Timer:
+    """Wall and CPU milliseconds of one configuration's chunks, gathered a block at a time."""
+
+    def __init__(self, cfg: LatencyBenchConfig, engine: Engine, batch: dict[str, torch.Tensor], steps: int,
+                 cache: bool) -> None:
+        self.cfg, self.engine, self.steps, self.cache = cfg, engine, steps, cache
+        noise = torch.randn(1, engine.config.horizon, engine.config.action_dim,
+                            generator=torch.Generator().manual_seed(0))
+        if cache:
+            self.fn = lambda: engine.chunk(batch, steps=steps, noise=noise, subtask=cfg.subtask)
+        else:
+            self.fn = lambda: uncached_chunk(engine, batch, steps, noise, cfg.subtask)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []  # CPU time of the whole process: steadier where the machine is shared
+        for _ in range(cfg.warmup):
+            self.fn()
+
+    def label(self, name: str) -> str:
+        return f"{name} {self.engine.backend} K={self.steps} cache={'on' if self.cache else 'off'}"
+
+    def run(self, n: int) -> None:
+        """n more chunks, unless this configuration has had its repeats or (after 5 chunks) its time budget."""
+        for _ in range(n):
+            if len(self.wall) >= self.cfg.repeats or (len(self.wall) >= 5 and sum(self.wall) > 1e3 * self.cfg.seconds):
+                return
+            t0, c0 = time.perf_counter(), time.process_time()
+            self.fn()
+            self.wall.append((time.perf_counter() - t0) * 1e3)
+            self.cpu.append((time.process_time() - c0) * 1e3)
+
+
+def _row(cfg: LatencyBenchConfig, name: str, model: PhysisModel, batch: dict[str, torch.Tensor], timer: _Timer,
+         memo: dict[tuple, Any]) -> dict[str, Any]:
+    ms = np.asarray(timer.wall)
+    key = ("flops", timer.steps, timer.cache)
+    if key not in memo:
+        memo[key] = count_flops(model, batch, timer.steps, timer.cache, cfg.subtask)
+    flops, tokens = memo[key]
+    dtype = "bfloat16" if timer.engine.backend == "bf16" else "float32"
+    if ("floor", flops, dtype) not in memo:
+        memo["floor", flops, dtype] = matmul_floor_ms(flops, getattr(torch, dtype))
+    floor = memo["floor", flops, dtype]
+    p50 = float(np.percentile(ms, 50))
+    return {
+        "preset": name, "backend": timer.engine.backend, "steps": timer.steps, "cache": timer.cache, "batch": 1,
+        "cameras": model.config.cameras, "image_size": model.config.image_size, "params": model.num_parameters(),
+        "subtask_tokens": tokens, "p50_ms": p50, "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
+        "cpu_p50_ms": float(np.median(timer.cpu)), "repeats": len(ms), "gflop": flops / 1e9, "floor_ms": floor,
+        "floor_dtype": dtype, "ratio_to_floor": p50 / floor,
+    }
+
+
 def _models(cfg: LatencyBenchConfig) -> dict[str, PhysisModel]:
     """{label: model}: the checkpoint's model, or each preset with random weights."""
     if cfg.checkpoint is not None:
@@ -160,33 +214,6 @@ def _models(cfg: LatencyBenchConfig) -> dict[str, PhysisModel]:
         config = ModelConfig.preset(name, cameras=cfg.cameras, image_size=cfg.image_size, subtask_vocab=VOCAB)
         models[name] = PhysisModel(config).eval()
     return models
-
-
-def _chunk_fn(engine: Engine, batch: dict[str, torch.Tensor], steps: int, cache: bool, subtask: bool,
-              noise: torch.Tensor):
-    if cache:
-        return lambda: engine.chunk(batch, steps=steps, noise=noise, subtask=subtask)
-    return lambda: uncached_chunk(engine, batch, steps, noise, subtask)
-
-
-def _time_config(cfg: LatencyBenchConfig, engine: Engine, batch: dict[str, torch.Tensor], steps: int,
-                 cache: bool) -> dict[str, float]:
-    noise = torch.randn(1, engine.config.horizon, engine.config.action_dim, generator=torch.Generator().manual_seed(0))
-    fn = _chunk_fn(engine, batch, steps, cache, cfg.subtask, noise)
-    for _ in range(cfg.warmup):
-        fn()
-    times: list[float] = []
-    cpu: list[float] = []  # CPU time of the whole process: a steadier figure where the machine is shared
-    start = time.perf_counter()
-    while len(times) < cfg.repeats and (len(times) < 5 or time.perf_counter() - start < cfg.seconds):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    ms = np.asarray(times)
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-            "cpu_p50_ms": float(np.median(cpu)), "repeats": len(times)}
 
 
 @torch.inference_mode()
@@ -232,16 +259,17 @@ def count_flops(model: PhysisModel, batch: dict[str, torch.Tensor], steps: int, 
     return int(counter.get_total_flops()), tokens
 
 
-def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """Median milliseconds of one square matmul with `flops` FLOPs in `dtype` on this machine."""
+def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """Milliseconds of one square matmul with `flops` FLOPs in `dtype` on this machine: the best of `repeats`
+    runs, since a floor is what the machine can do, not what it did while busy."""
     n = max(16, round((flops / 2) ** (1 / 3)))
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     with torch.inference_mode():
         for _ in range(3):
             a @ b
-        times = []
+        best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             a @ b
-            times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3 * flops / (2 * n**3)
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e3 * flops / (2 * n**3)
