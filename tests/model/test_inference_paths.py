@@ -62,13 +62,13 @@ def reference_subtask(model, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCa
 
 
 @torch.inference_mode()
-def test_sampling_without_the_hook_is_unchanged(trained) -> None:
+def test_sampling_without_the_hook_equals_the_plain_euler_loop(trained) -> None:
     model, batch = trained
     noise = torch.randn(B, H, A, generator=torch.Generator().manual_seed(1))
     for cache in (model.encode_prefix(batch), model.generate_subtask(model.encode_prefix(batch))[1]):
         for steps in (1, 4):
-            assert torch.equal(model.sample_actions(cache=cache, noise=noise, steps=steps),
-                               reference_actions(model, cache, noise, steps))
+            fast = model.sample_actions(cache=cache, noise=noise, steps=steps)
+            assert torch.allclose(fast, reference_actions(model, cache, noise, steps), atol=1e-5, rtol=0)
 
 
 @torch.inference_mode()
@@ -127,6 +127,58 @@ def test_incremental_subtask_generation_equals_the_full_rerun(trained) -> None:
     noise = torch.randn(B, H, A, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(model.sample_actions(cache=fast, noise=noise), model.sample_actions(cache=ref, noise=noise),
                           atol=1e-5)
+
+
+def _drafts(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Guesses at the greedy decode `ids` (B, Ls): right, wrong at each position, truncated, junk, other rows'."""
+    drafts = {"right": ids.clone(), "shorter tensor": ids[:, :3], "rows swapped": ids.flip(0)}
+    for j in range(1, ids.shape[1]):
+        wrong = ids.clone()
+        wrong[:, j] = torch.where(wrong[:, j] == EOS, EOS + 1, EOS)  # a different token at position j
+        drafts[f"wrong at {j}"] = wrong
+    one_wrong = ids.clone()
+    one_wrong[0, 1] = EOS if ids[0, 1] != EOS else EOS + 1
+    drafts["one row wrong"] = one_wrong
+    drafts["junk"] = torch.randint(0, 8, ids.shape, generator=torch.Generator().manual_seed(0))
+    drafts["no tokens"] = torch.full_like(ids, PAD)
+    return drafts
+
+
+@torch.inference_mode()
+def test_subtask_draft_gives_the_greedy_decode_whatever_it_guesses(trained) -> None:
+    model, batch = trained
+    cache = model.encode_prefix(batch)
+    ids, plain = model.generate_subtask(cache)
+    noise = torch.randn(B, H, A, generator=torch.Generator().manual_seed(3))
+    want = model.sample_actions(cache=plain, noise=noise)
+    for name, draft in _drafts(ids).items():
+        got, fast = model.generate_subtask(cache, draft=draft)
+        assert torch.equal(got, ids), name
+        assert torch.equal(fast.mask, plain.mask) and torch.equal(fast.subtask_ids, ids), name
+        valid = fast.mask[:, None, :, None]
+        for k1, k2, v1, v2 in zip(fast.keys, plain.keys, fast.values, plain.values, strict=True):
+            assert torch.allclose(k1 * valid, k2 * valid, atol=1e-5), name
+            assert torch.allclose(v1 * valid, v2 * valid, atol=1e-5), name
+        assert torch.allclose(model.sample_actions(cache=fast, noise=noise), want, atol=1e-5), name
+    with pytest.raises(ValueError, match="draft has 1 rows, the cache 3"):
+        model.generate_subtask(cache, draft=ids[:1])
+
+
+@torch.inference_mode()
+def test_a_right_subtask_draft_costs_one_pass(trained, monkeypatch) -> None:
+    model, batch = trained
+    cache = model.encode_prefix(batch)
+    ids, _ = model.generate_subtask(cache)
+    calls = []
+    block_type = type(model.blocks[0])
+    original = block_type.forward_cached
+    monkeypatch.setattr(block_type, "forward_cached",
+                        lambda self, x, *a: calls.append(x.shape[1]) or original(self, x, *a))
+    model.generate_subtask(cache)
+    assert len(calls) == model.config.depth * int((ids != PAD).sum(1).max())  # one token per step
+    calls.clear()
+    model.generate_subtask(cache, draft=ids)
+    assert len(calls) == model.config.depth  # one pass over the whole draft
 
 
 @torch.inference_mode()

@@ -42,7 +42,8 @@ def test_flop_count_grows_with_steps_and_counts_attention() -> None:
     cfg = model.config
     h, a, de, d, hidden = cfg.horizon, cfg.action_dim, cfg.expert_width, cfg.width, int(cfg.expert_width * 4)
     n_keys = batch["images"].shape[1] * cfg.patch_grid**2 + cfg.max_text_tokens + 2 + h
-    linear = 2 * h * (2 * a * de + 2 * de * de + de * de + de * a)  # action in, time MLP, out
+    linear = 2 * h * (a * de + de * de + de * de + de * a)  # actions in, time MLP, out (the mask's part: per chunk)
+    linear += 2 * de * de  # the step's time embedding into the time MLP (once for all H tokens)
     linear += cfg.depth * 2 * h * (de * 3 * d + d * de + 2 * de * hidden)  # qkv, proj, MLP per expert layer
     attention = cfg.depth * 2 * cfg.heads * h * n_keys * 2 * cfg.head_dim  # scores and weighted values
     assert tokens == 0 and per_step == linear + attention

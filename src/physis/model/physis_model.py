@@ -13,6 +13,7 @@ at inference the prefix is encoded once (`encode_prefix`) and each flow step run
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of values over mask (same shape, bool); 0 with a live graph when nothing is valid."""
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@dataclass
+class FlowContext:
+    """Per-chunk tensors every flow step of `PhysisModel.sample_actions` reuses (see `_flow_context`)."""
+
+    cache: PrefixCache
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor
+    n_ctx: int
+    w_x: torch.Tensor
+    mask_term: torch.Tensor
+    w_tok: torch.Tensor
+    time_terms: torch.Tensor
+    out_term: torch.Tensor
 
 
 class PhysisModel(nn.Module):
@@ -302,12 +319,18 @@ class PhysisModel(nn.Module):
         return self._encode(batch, pooled=pooled)[0]
 
     @torch.inference_mode()
-    def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
+    def generate_subtask(
+        self, cache: PrefixCache, draft: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, PrefixCache]:
         """Greedy subtask ids (B, Ls) = BOS w.. EOS PAD.., and the cache extended by them.
 
         Incremental: each step runs only the newest token through the trunk, reading the earlier tokens'
-        keys/values from buffers that become the extended cache (positions never generated stay zero and
-        masked).
+        keys/values from buffers that become the extended cache (positions never generated stay masked).
+
+        draft (B, Ls'), optional: a guess, usually the previous chunk's subtask, which rarely changes. It is
+        checked in one teacher-forced pass (speculative decoding with the guess as the draft): the tokens the
+        greedy decode would also have chosen are kept and generation goes on from the first disagreement.
+        The result is the greedy decode either way; a right guess costs about one token's step.
         """
         if not self.config.subtask:
             raise RuntimeError("PhysisModel.generate_subtask: this model was built with subtask=False")
@@ -321,23 +344,72 @@ class PhysisModel(nn.Module):
         ids = torch.full((b, n), PAD, dtype=torch.long, device=dev)
         ids[:, 0] = BOS
         done = torch.zeros(b, dtype=torch.bool, device=dev)
-        for i in range(n):
+        start = 0
+        if draft is not None:
+            start = self._check_draft(draft, ids, done, seen, keys, values, p)
+        for i in range(start, n):
             seen[..., p + i] = 0.0
             x = self.subtask_emb(ids[:, i : i + 1]) + self.subtask_pos[i : i + 1]
             for block, kb, vb in zip(self.blocks, keys, values, strict=True):
                 x = block.forward_cached(x, seen, kb, vb, p + i)
             if i + 1 == n or bool(done.all()):
                 break  # token i's keys/values are in the buffers; nothing is left to generate
-            logits = self.subtask_out(self.norm(x[:, -1]))
-            logits[:, [PAD, BOS]] = float("-inf")
-            nxt = torch.where(done, PAD, logits.argmax(-1))
-            ids[:, i + 1] = nxt
+            nxt = self._next_token(x[:, -1])
+            ids[:, i + 1] = torch.where(done, ids[:, i + 1], nxt)
             done |= nxt == EOS
         extended = PrefixCache(
             keys, values, torch.cat([base.mask, ids != PAD], 1), base.pooled, base.action_mask,
             base.prefix_len, base.cameras, ids,
         )  # fmt: skip
         return ids, extended
+
+    def _next_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy next ids (...) from final-layer hidden states (..., D); PAD and BOS are never chosen."""
+        logits = self.subtask_out(self.norm(hidden))
+        logits[..., [PAD, BOS]] = float("-inf")
+        return logits.argmax(-1)
+
+    def _check_draft(
+        self,
+        draft: torch.Tensor,
+        ids: torch.Tensor,
+        done: torch.Tensor,
+        seen: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        p: int,
+    ) -> int:
+        """Verify a draft for `generate_subtask` in one pass, filling ids/done/seen and the key/value buffers in
+        place. Returns the position generation goes on from (n when every row's draft was right)."""
+        b, n = ids.shape
+        if draft.shape[0] != b:
+            raise ValueError(f"PhysisModel.generate_subtask: draft has {draft.shape[0]} rows, the cache {b}")
+        d = torch.full_like(ids, PAD)
+        d[:, : min(n, draft.shape[1])] = draft[:, :n].to(ids.device)
+        d[:, 0] = BOS
+        is_eos = d == EOS
+        last = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(done, n - 1, dtype=torch.long))
+        steps = int(last.max()) + 1  # draft positions to run: 0 .. the longest draft's EOS
+        causal = torch.ones(steps, steps, dtype=torch.bool, device=ids.device).tril()
+        mask = seen.expand(b, 1, steps, p + n).clone()
+        mask[..., p : p + steps] = additive_mask(causal, seen.dtype)
+        x = self.subtask_emb(d[:, :steps]) + self.subtask_pos[:steps]
+        for block, kb, vb in zip(self.blocks, keys, values, strict=True):
+            x = block.forward_cached(x, mask, kb, vb, p)
+        pred = self._next_token(x[:, : steps - 1])  # pred[:, i]: the greedy token at position i + 1
+        agree = (pred == d[:, 1:steps]).int().cumprod(1).sum(1)  # leading draft tokens the decode reproduces
+        complete = agree >= last
+        if bool(complete.all()):
+            ids.copy_(torch.where(torch.arange(n, device=ids.device) <= last[:, None], d, PAD))
+            done.fill_(True)
+            return n
+        m = int(agree[~complete].min())  # positions 0..m hold verified tokens in every row
+        ids[:, : m + 1] = d[:, : m + 1]
+        ids[:, m + 1] = pred[:, m]
+        ids[complete] = torch.where(torch.arange(n, device=ids.device) <= last[complete, None], d[complete], PAD)
+        done |= complete | (pred[:, m] == EOS)
+        seen[..., p : p + m + 1] = 0.0
+        return m + 1
 
     @torch.inference_mode()
     def extend_subtask(self, cache: PrefixCache, ids: torch.Tensor) -> PrefixCache:
@@ -384,33 +456,46 @@ class PhysisModel(nn.Module):
             return x * keep
         steps = steps or cfg.flow_steps
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=keep.device)
-        flow = self._flow_context(cache, cfg.horizon)
         dt = 1.0 / steps
-        for i in range(steps):
-            t = 1.0 - i * dt
-            v = self._flow_velocity(flow, x, torch.full((b,), t, device=x.device))
+        times = [1.0 - i * dt for i in range(steps)]
+        flow = self._flow_context(cache, cfg.horizon, times)
+        for i, t in enumerate(times):
+            v = self._flow_velocity(flow, x, i)
             x = x - dt * v if guide is None else inpainting_step(x, v, t, dt, *guide)
         if guide is not None:
             x = torch.where(guide[1] == 1, guide[0], x)  # exact, whatever the rounding on the way
         return x * keep
 
-    def _flow_context(
-        self, cache: PrefixCache, n: int
-    ) -> tuple[PrefixCache, list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def _flow_context(self, cache: PrefixCache, n: int, times: list[float]) -> FlowContext:
         """What every flow step reuses: per-layer key/value buffers [context | n action tokens] with the context
-        copied in once, and the expert's attention mask as an additive float mask."""
+        copied in once, the expert's attention mask as an additive float mask, and the parts of the action
+        tokens that do not depend on the noisy actions (the action mask's, each step's time's, the positions)."""
         keys = [F.pad(k, (0, 0, 0, n)) for k in cache.keys]
         values = [F.pad(v, (0, 0, 0, n)) for v in cache.values]
         mask = additive_mask(expert_attention_mask(cache.mask, n, 0), keys[0].dtype)
-        return cache, keys, values, mask
+        # _action_tokens, split: action_in([x, m]) = x Wx' + (m Wm' + b); action_time's first layer on
+        # [tok, temb] = tok Wt' + (temb Wτ' + b1); its output bias and the positions add up to one term
+        a, de = self.config.action_dim, self.config.expert_width
+        w_in, w_time = self.action_in.weight, self.action_time[0].weight
+        dtype = w_in.dtype
+        t = torch.tensor(times, device=w_in.device)
+        return FlowContext(
+            cache, keys, values, mask, n_ctx=cache.mask.shape[1],
+            w_x=w_in[:, :a].contiguous(),
+            mask_term=F.linear(cache.action_mask.to(dtype), w_in[:, a:], self.action_in.bias)[:, None],
+            w_tok=w_time[:, :de].contiguous(),
+            time_terms=F.linear(time_embedding(t, de).to(dtype), w_time[:, de:], self.action_time[0].bias)[:, None],
+            out_term=self.action_time[2].bias + self.action_pos[:n],
+        )  # fmt: skip
 
-    def _flow_velocity(self, flow: tuple, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """`predict_velocity` on a `_flow_context`: same numbers, no per-step concatenation or mask building."""
-        cache, keys, values, mask = flow
-        n_ctx = cache.mask.shape[1]
-        h = self._action_tokens(x.to(self.expert_norm.weight.dtype), t, cache.action_mask)
-        for block, kb, vb in zip(self.expert, keys, values, strict=True):
-            h = block.forward_cached(h, mask, kb, vb, n_ctx)
+    def _flow_velocity(self, flow: FlowContext, x: torch.Tensor, step: int) -> torch.Tensor:
+        """`predict_velocity` at the flow context's step `step`: the same numbers up to rounding, without the
+        per-step concatenations, time embedding and mask building."""
+        tok = F.linear(x.to(flow.w_x.dtype), flow.w_x) + flow.mask_term
+        h = F.silu(F.linear(tok, flow.w_tok) + flow.time_terms[step])
+        h = F.linear(h, self.action_time[2].weight) + flow.out_term
+        for block, kb, vb in zip(self.expert, flow.keys, flow.values, strict=True):
+            h = block.forward_cached(h, flow.mask, kb, vb, flow.n_ctx)
         return self.action_out(self.expert_norm(h)).to(x.dtype)
 
     @torch.inference_mode()

@@ -57,8 +57,10 @@ class Engine:
     def encode_prefix(self, batch: Batch) -> PrefixCache:
         return self.net.encode_prefix(self.inputs(batch), pooled=False)
 
-    def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
-        return self.net.generate_subtask(cache)
+    def generate_subtask(self, cache: PrefixCache,
+                         draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
+        """As `PhysisModel.generate_subtask`: a draft (the last chunk's subtask) is verified in one pass."""
+        return self.net.generate_subtask(cache, draft=draft)
 
     def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
                        generator: torch.Generator | None = None, cache: PrefixCache | None = None,
@@ -75,13 +77,14 @@ class Engine:
     @torch.inference_mode()
     def chunk(self, batch: Batch, steps: int | None = None, noise: torch.Tensor | None = None,
               generator: torch.Generator | None = None, subtask: bool = True,
-              prefix_actions: torch.Tensor | None = None,
-              prefix_weights: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(subtask ids (B, Ls) or None, actions (B, H, A)) for one observation batch: encode, reason, act."""
+              prefix_actions: torch.Tensor | None = None, prefix_weights: torch.Tensor | None = None,
+              draft: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(subtask ids (B, Ls) or None, actions (B, H, A)) for one observation batch: encode, reason (checking
+        `draft`, the last chunk's subtask, first), act."""
         cache = self.encode_prefix(batch)
         ids = None
         if subtask and self.config.subtask:
-            ids, cache = self.generate_subtask(cache)
+            ids, cache = self.generate_subtask(cache, draft=draft)
         actions = self.sample_actions(steps=steps, noise=noise, generator=generator, cache=cache,
                                       prefix_actions=prefix_actions, prefix_weights=prefix_weights)
         return ids, actions
@@ -202,9 +205,11 @@ class OnnxEngine(_LoopEngine):
                              batch["action_mask"].bool())
 
     @torch.inference_mode()
-    def generate_subtask(self, cache: PrefixCache) -> tuple[torch.Tensor, PrefixCache]:
+    def generate_subtask(self, cache: PrefixCache,
+                         draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
         """Greedy ids as `PhysisModel.generate_subtask`, one graph call per token; the keys/values of earlier
-        tokens wait in numpy buffers that become the extended cache."""
+        tokens wait in numpy buffers that become the extended cache. The exported step graph takes one token,
+        so a draft is not used here (the ids come out the same without it)."""
         if not self.config.subtask:
             raise RuntimeError("OnnxEngine.generate_subtask: this model was built with subtask=False")
         base = cache.prefix_only()
@@ -261,6 +266,10 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         with warnings.catch_warnings():  # the eager quantization API warns that it is deprecated; it still works
             warnings.simplefilter("ignore")
             net = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        # the action-token layers stay float: the flow loop folds their weights into per-chunk terms
+        net.action_in = copy.deepcopy(model.action_in)
+        if hasattr(model, "action_time"):
+            net.action_time = copy.deepcopy(model.action_time)
         engine = Engine(model, net)
     elif backend == "compile":
         engine = CompiledEngine(model)

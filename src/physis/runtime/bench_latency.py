@@ -55,6 +55,9 @@ class LatencyBenchConfig:
     image_size: int = 96
     subtask: bool = True
     """Generate the subtask before acting (when the model has that head)."""
+    draft: bool = True
+    """Hand each chunk the previous chunk's subtask as a draft to verify in one pass, as `Policy` does (a control
+    loop's steady state: the subtask changes once in several chunks); --no-draft decodes token by token."""
     threads: int = 0
     """Threads for torch and ONNX Runtime; 0: every core this process may use."""
     repeats: int = 50
@@ -154,8 +157,14 @@ class _Timer:
         self.cfg, self.engine, self.steps, self.cache = cfg, engine, steps, cache
         noise = torch.randn(1, engine.config.horizon, engine.config.action_dim,
                             generator=torch.Generator().manual_seed(0))
+        self.ids: torch.Tensor | None = None  # the last chunk's subtask: the next one's draft
         if cache:
-            self.fn = lambda: engine.chunk(batch, steps=steps, noise=noise, subtask=cfg.subtask)
+            def chunk() -> None:
+                ids, _ = engine.chunk(batch, steps=steps, noise=noise, subtask=cfg.subtask,
+                                      draft=self.ids if cfg.draft else None)
+                self.ids = ids
+
+            self.fn = chunk
         else:
             self.fn = lambda: uncached_chunk(engine, batch, steps, noise, cfg.subtask)
         self.wall: list[float] = []

@@ -55,10 +55,12 @@ class PolicySession:
         self.frames: deque[torch.Tensor] = deque(maxlen=history)  # each [C, 3, h, w]
         self.last_safe = last_safe
         self.generator = torch.Generator().manual_seed(seed)
+        self.subtask_ids: torch.Tensor | None = None  # the last chunk's subtask (1, Ls): the next one's draft
 
     def reset(self) -> None:
-        """A new episode: forget the frame history."""
+        """A new episode: forget the frame history and the last subtask."""
         self.frames.clear()
+        self.subtask_ids = None
 
 
 class Policy:
@@ -239,8 +241,12 @@ class Policy:
         cache = self.engine.encode_prefix(batch)
         subtasks = None
         if cfg.subtask and len(self.vocab.words):
-            ids, cache = self.engine.generate_subtask(cache)
+            drafts = [s.subtask_ids for s in sessions]
+            draft = torch.cat(drafts) if all(d is not None for d in drafts) else None
+            ids, cache = self.engine.generate_subtask(cache, draft=draft)
             subtasks = [self.vocab.decode(row.tolist()) for row in ids]
+            for session, row in zip(sessions, ids, strict=True):
+                session.subtask_ids = row[None].clone()
         noise = None
         if cfg.action_head == "flow":
             noise = torch.cat([torch.randn((1, cfg.horizon, cfg.action_dim), generator=s.generator) for s in sessions])
