@@ -2,12 +2,15 @@
 
 Built-ins: `expert` (the suite's scripted expert, a chunk of one step) and `random` (uniform inside
 the embodiment's limits). `module:factory` names any importable callable that takes the environment
-and returns a policy. Checkpoints load through `physis.runtime` once the model exists.
+and returns a policy. Checkpoints load through `physis.runtime`; `ServerPolicy` asks a policy server
+(`physis serve`, or any server on openpi's protocol) through openpi's own client.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -58,8 +61,45 @@ class RandomPolicy:
         return rng.uniform(self._lo, self._hi, size=(self._horizon, self._lo.size)).astype(np.float32)
 
 
-def make_policy(name: str, env: SimEnv, checkpoint: Path | None = None) -> ChunkPolicy:
-    """`expert`, `random`, `module:factory`, or (with `checkpoint`) a trained model."""
+class ServerPolicy:
+    """The policy a websocket server on openpi's protocol serves, through the unmodified `openpi-client`.
+
+    One connection per policy; `reset()` marks the next request `"reset": True` so the server starts a new
+    episode for this connection (openpi's client does not send its reset over the wire). The API key comes from
+    PHYSIS_API_KEY when set.
+    """
+
+    def __init__(self, url: str, env: SimEnv, api_key: str | None = None) -> None:
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("ws", "wss") or not parsed.hostname:
+            raise ValueError(f"--server {url!r}: expected ws://HOST:PORT")
+        try:
+            from openpi_client.websocket_client_policy import WebsocketClientPolicy
+        except ImportError as e:
+            raise ValueError(f"--server needs openpi's client: pip install --no-deps openpi-client ({e})") from e
+        self._client = WebsocketClientPolicy(url, api_key=api_key or os.environ.get("PHYSIS_API_KEY") or None)
+        served = self._client.get_server_metadata().get("embodiment")
+        if served != env.embodiment.name:
+            raise ValueError(f"the server at {url} serves embodiment {served!r}; this suite's robot is "
+                             f"{env.embodiment.name!r}")
+        self._new_episode = True
+
+    def reset(self) -> None:
+        self._new_episode = True
+
+    def infer(self, obs: Observation) -> dict[str, Any]:
+        request = {"images": obs["images"], "state": obs["state"], "instruction": obs["instruction"]}
+        if self._new_episode:
+            request["reset"] = True
+            self._new_episode = False
+        return self._client.infer(request)
+
+
+def make_policy(name: str, env: SimEnv, checkpoint: Path | None = None, server: str = "") -> ChunkPolicy:
+    """`expert`, `random`, `module:factory`, (with `checkpoint`) a trained model, or (with `server`) the policy a
+    server at that ws:// address serves."""
+    if server:
+        return ServerPolicy(server, env)
     if checkpoint is not None:
         return _checkpoint_policy(Path(checkpoint), env)
     if name == "expert":

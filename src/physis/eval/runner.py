@@ -39,6 +39,7 @@ class EvalConfig:
     episodes: int = 10  # per task
     policy: str = "expert"  # expert | random | module:factory (ignored with --checkpoint)
     checkpoint: Path | None = None
+    server: str = ""  # ws://HOST:PORT of `physis serve`: evaluate what it serves, through openpi's client
     seed: int = 0  # offset into the evaluation seed range
     replan_every: int = 0  # 0: run each chunk to its end (open loop); k: ask again after k steps
     workers: int = 0  # 0: one per core
@@ -101,13 +102,13 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
                          str(video) if video is not None and frames else None, subtasks)
 
 
-_POLICIES: dict[tuple[str, str, str, str], Any] = {}
+_POLICIES: dict[tuple[str, ...], Any] = {}
 
 
 def _policy(cfg: EvalConfig, env) -> Any:
-    key = (cfg.policy, str(cfg.checkpoint), env.suite, env.task)
+    key = (cfg.policy, str(cfg.checkpoint), cfg.server, env.suite, env.task)
     if key not in _POLICIES:
-        _POLICIES[key] = make_policy(cfg.policy, env, cfg.checkpoint)
+        _POLICIES[key] = make_policy(cfg.policy, env, cfg.checkpoint, cfg.server)
     return _POLICIES[key]
 
 
@@ -188,8 +189,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 for t in tasks}
     meta = {
         "suite": cfg.suite,
-        "checkpoint": str(cfg.checkpoint) if cfg.checkpoint is not None else cfg.policy,
-        "policy": "checkpoint" if cfg.checkpoint is not None else cfg.policy,
+        "checkpoint": str(cfg.checkpoint) if cfg.checkpoint is not None else cfg.server or cfg.policy,
+        "policy": "server" if cfg.server else "checkpoint" if cfg.checkpoint is not None else cfg.policy,
         "episodes_per_task": cfg.episodes,
         "seed": EVAL_SEEDS[cfg.seed],
         "seed_offset": cfg.seed,

@@ -2,9 +2,11 @@
 
 A chunk is what a policy computes per re-plan: encode the observation prefix, generate the subtask (when the
 model has that head) and run K flow steps. With the cache off, the prefix (and the subtask tokens over it) is
-re-encoded for every flow step, as a model without a prefix cache would. Each configuration also reports its
-FLOPs (counted once, on the float32 model) and the ratio of its median time to a floor: the time this machine
-takes for one matmul with the same FLOPs, in the backend's dtype (the best of 20 runs).
+re-encoded for every flow step, as a model without a prefix cache would. With the cache, each chunk hands the
+previous chunk's subtask to the model as a draft, as `Policy` does (--no-draft: token-by-token decoding).
+Each configuration also reports its FLOPs (counted once, on the float32 model) and the ratio of its median
+time to a floor: the time this machine takes for one matmul with the same FLOPs, in the backend's dtype (the
+best of 20 runs).
 
 The configurations of a preset are timed round-robin, five chunks at a time, so that whatever else the machine
 does meanwhile falls on all of them alike; `cpu_p50_ms` (process CPU time per chunk) is the steadier figure
