@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -208,6 +209,10 @@ def train(cmd: TrainCommand) -> None:
     console.print(f"trained {s['steps']} steps ({s['params_trainable']:,} of {s['params_total']:,} parameters "
                   f"trainable) in {s['wall_s'] / 60:.1f} min: {s['samples_per_s']:.0f} samples/s, final loss "
                   f"{s['final_loss']:.4f}, peak memory {s['peak_rss_mb']:.0f} MB; checkpoint {s['checkpoint']}")
+    if s.get("stopped_by"):
+        console.print(f"[yellow]stopped by {s['stopped_by']}[/] at step {s['steps']} of {cmd.steps}: the same command "
+                      "with --resume carries on", highlight=False)
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 def eval_heads(cfg: HeadsConfig) -> None:

@@ -331,6 +331,8 @@ def _train(stages: StageLog, cmd: TrainCommand, demos_id: str, budget_minutes: f
         summary = train(replace(cmd, minutes=minutes, resume=resume))
     finally:
         stages.add_seconds("train", time.perf_counter() - start)
+    if summary.get("stopped_by"):  # checkpointed where it stopped; a re-run resumes from there
+        raise KeyboardInterrupt(f"training stopped by {summary['stopped_by']} at step {summary['steps']}")
     record = stages.end("train", step=summary["steps"], start_step=summary["start_step"])
     stages.status["train"] = {"status": "resumed" if resume else "ran", "seconds": record["seconds"],
                               "start_step": summary["start_step"]}

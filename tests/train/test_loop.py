@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from itertools import count
@@ -70,6 +71,29 @@ def config(out: Path, **kw) -> TrainConfig:
     base = {"steps": 20, "lr": 3e-2, "warmup": 3, "ema_decay": 0.9, "log_every": 5, "save_every": 5,
             "keep_last": 2, "out": str(out), "progress": False}
     return TrainConfig(**{**base, **kw})
+
+
+def test_sigterm_checkpoints_the_step_in_progress_and_resume_carries_on(tmp_path):
+    def terminated_at(step: int):
+        def source(start: int):
+            for s in count(start):
+                if s == step:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives while this step's batch is being trained on
+                yield batch_at(0, s)
+
+        return source
+
+    previous = signal.getsignal(signal.SIGTERM)
+    stopped = Trainer(make_model(), terminated_at(7), config(tmp_path / "run", save_every=5), META)
+    summary = stopped.train()
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 8
+    assert load_checkpoint(tmp_path / "run").step == 8  # not 5: the steps since the last checkpoint are kept
+    assert signal.getsignal(signal.SIGTERM) == previous
+    resumed = Trainer(make_model(seed=99), batches(), config(tmp_path / "run", resume=True), META)
+    assert resumed.start_step == 8 and resumed.train()["stopped_by"] is None
+    straight = Trainer(make_model(), batches(), config(tmp_path / "straight"), META)
+    straight.train()
+    assert stopped.losses + resumed.losses == straight.losses
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):

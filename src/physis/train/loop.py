@@ -16,9 +16,12 @@ import logging
 import math
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,7 +231,7 @@ class Trainer:
         total_samples, start = 0, time.perf_counter()
         last_saved, last = None, {}
         bar = progress_bar("training", "loss", enabled=main and cfg.progress)
-        with bar:
+        with bar, self._stop_on_sigterm():
             task = bar.add_task(str(self.run_dir), total=cfg.steps, completed=self.step, loss="-")
             while self.step < cfg.steps:
                 batch = next(batches, None)
@@ -253,9 +256,10 @@ class Trainer:
                         self._log(writer, means)
                     window, window_samples, window_start = {}, 0, time.perf_counter()
                 out_of_time = cfg.max_minutes > 0 and time.perf_counter() - start > 60 * cfg.max_minutes
-                if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps or out_of_time:
+                stopping = out_of_time or self._sigterm
+                if (cfg.save_every > 0 and self.step % cfg.save_every == 0) or self.step == cfg.steps or stopping:
                     last_saved = self.save()
-                if out_of_time:  # the time budget ends the run early, with a checkpoint of where it got to
+                if stopping:  # ends the run early, with a checkpoint of where it got to
                     break
 
         wall = time.perf_counter() - start
@@ -267,11 +271,30 @@ class Trainer:
             "final_losses": last, "samples_per_s": total_samples * self.dist.world_size / max(wall, 1e-9),
             "wall_s": wall, "peak_rss_mb": peak_rss_mb(), "params_total": self.params_total,
             "params_trainable": self.params_trainable, "checkpoint": str(last_saved) if last_saved else None,
-            "world_size": self.dist.world_size,
+            "world_size": self.dist.world_size, "stopped_by": "SIGTERM" if self._sigterm else None,
         }
         if main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    @contextmanager
+    def _stop_on_sigterm(self) -> Iterator[None]:
+        """SIGTERM (a `kill`, a container stop) ends a single-process run after the step in progress, with a
+        checkpoint of it, instead of losing the steps since the last one. (Under DDP the ranks could stop at
+        different steps, so there the default applies.)"""
+        self._sigterm = False
+        if self.dist.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            self._sigterm = True
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; every rank must call it, for the RNG gather)."""
