@@ -10,15 +10,7 @@ import torch
 
 from physis.model.trunk import PrefixCache
 from physis.model.vocab import BOS, EOS, PAD
-from tests.model.test_physis_model import A, B, H, model_and_batch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.model.test_physis_model import A, B, H, _one_thread, model_and_batch  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

@@ -62,15 +62,20 @@ class Engine:
         """As `PhysisModel.generate_subtask`: a draft (the last chunk's subtask) is verified in one pass."""
         return self.net.generate_subtask(cache, draft=draft)
 
+    def _cache_for(self, batch: Batch | None, cache: PrefixCache | None) -> PrefixCache:
+        """The given cache, or the batch's prefix encoded."""
+        if cache is not None:
+            return cache
+        if batch is None:
+            raise ValueError(f"{type(self).__name__}.sample_actions: pass a batch or a cache")
+        return self.encode_prefix(batch)
+
     def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
                        generator: torch.Generator | None = None, cache: PrefixCache | None = None,
                        prefix_actions: torch.Tensor | None = None,
                        prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
         """As `PhysisModel.sample_actions`: an action chunk (B, H, A), float32."""
-        if cache is None:
-            if batch is None:
-                raise ValueError(f"{type(self).__name__}.sample_actions: pass a batch or a cache")
-            cache = self.encode_prefix(batch)
+        cache = self._cache_for(batch, cache)
         return self.net.sample_actions(steps=steps, noise=noise, generator=generator, cache=cache,
                                        prefix_actions=prefix_actions, prefix_weights=prefix_weights)
 
@@ -101,10 +106,7 @@ class _LoopEngine(Engine):
                        generator: torch.Generator | None = None, cache: PrefixCache | None = None,
                        prefix_actions: torch.Tensor | None = None,
                        prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
-        if cache is None:
-            if batch is None:
-                raise ValueError(f"{type(self).__name__}.sample_actions: pass a batch or a cache")
-            cache = self.encode_prefix(batch)
+        cache = self._cache_for(batch, cache)
         cfg = self.config
         if cfg.action_head != "flow":  # one pass, nothing to loop over: the model does it
             return self.model.sample_actions(cache=cache, prefix_actions=prefix_actions, prefix_weights=prefix_weights)
