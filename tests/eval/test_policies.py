@@ -1,9 +1,12 @@
 """Policies `physis eval` runs: a checkpoint in this process, and the same checkpoint behind the policy server."""
 
+import json
+import shutil
+
 import pytest
 
 from physis.eval.policies import ServerPolicy
-from physis.eval.runner import EvalConfig, evaluate
+from physis.eval.runner import EvalConfig, checkpoint_cameras, evaluate
 from physis.runtime import Policy
 from physis.runtime.server import PolicyServer
 from physis.sim import EnvConfig, make_env
@@ -41,3 +44,20 @@ def test_server_policy_checks_the_address_and_the_robot(server):
             ServerPolicy(f"ws://127.0.0.1:{server.port}", env)
     finally:
         env.close()
+
+
+def test_eval_renders_the_cameras_the_checkpoint_was_trained_on(tiny_checkpoint, tmp_path):
+    assert checkpoint_cameras(tiny_checkpoint, "metaworld_sawyer") == ("corner", "gripper")
+    assert checkpoint_cameras(tiny_checkpoint, "pointmaze") == ()
+    # the same weights, as if trained on the front camera: eval must render front, not the default corner
+    run = shutil.copytree(tiny_checkpoint, tmp_path / "front-run")
+    for config in run.glob("checkpoints/step_*/config.json"):
+        meta = json.loads(config.read_text())
+        meta["cameras"]["metaworld_sawyer"] = ["front", "gripper"]
+        config.write_text(json.dumps(meta))
+    common = dict(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, image_size=32, max_steps=4,
+                  workers=1, videos=0, progress=False, checkpoint=run)
+    r = evaluate(EvalConfig(out=tmp_path / "auto", **common))["tasks"]["reach-v3"]
+    assert r["errors"] == 0, r["error_examples"]
+    r = evaluate(EvalConfig(out=tmp_path / "told", cameras=("corner", "gripper"), **common))["tasks"]["reach-v3"]
+    assert r["errors"] == 1 and "lacks cameras ['front']" in r["error_examples"][0]["error"]

@@ -7,12 +7,13 @@ that episode with the reason recorded; the evaluation goes on.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
@@ -26,7 +27,7 @@ from physis.progress import progress_bar
 from physis.sim.base import EnvConfig
 from physis.sim.rollout import cached_env
 from physis.sim.seeds import EVAL_SEEDS, eval_seeds, seed_ranges
-from physis.sim.suites import resolve_tasks
+from physis.sim.suites import get_suite, resolve_tasks
 
 
 @dataclass
@@ -45,7 +46,7 @@ class EvalConfig:
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
     image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
-    cameras: tuple[str, ...] = ()  # empty: the embodiment's cameras
+    cameras: tuple[str, ...] = ()  # empty: the checkpoint's cameras (others: the embodiment's)
     max_steps: int = 0  # 0: the suite's episode limit
     progress: bool = True
 
@@ -112,6 +113,22 @@ def _policy(cfg: EvalConfig, env) -> Any:
     return _POLICIES[key]
 
 
+def checkpoint_cameras(checkpoint: str | Path, embodiment: str) -> tuple[str, ...]:
+    """The cameras a checkpoint was trained on for `embodiment` (its config.json), so an evaluation renders
+    them without being told; () when the checkpoint never saw that embodiment (the policy then names the
+    mismatch)."""
+    from physis.train.checkpoint import latest_checkpoint
+
+    path = Path(checkpoint)
+    if not (path / "config.json").exists():
+        path = latest_checkpoint(path) or path
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"checkpoint {checkpoint}: no readable config.json ({e})") from e
+    return tuple(meta.get("cameras", {}).get(embodiment, ()))
+
+
 def _tile(images: dict[str, np.ndarray]) -> np.ndarray:
     """Cameras side by side, upscaled by an integer factor to at least 192 px tall for viewing."""
     tile = np.concatenate(list(images.values()), axis=1)
@@ -149,6 +166,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"--replan-every must be >= 0, got {cfg.replan_every}")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
+    if cfg.checkpoint is not None and not cfg.cameras:
+        cfg = replace(cfg, cameras=checkpoint_cameras(cfg.checkpoint, get_suite(cfg.suite).embodiment))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = eval_seeds(cfg.episodes, cfg.seed)
