@@ -79,7 +79,7 @@ def test_onnx_flow_graph_inpaints_like_the_model(model, onnx_dir) -> None:
     assert np.array_equal(out[:, :2], target[:, :2].numpy())
 
 
-@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("mixed", 0.1), ("int8", 0.1)])
+@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1)])
 def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
     batch = batch_of(model, 2, seed=3)
     noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(3))
@@ -87,18 +87,6 @@ def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
     _, out = make_engine(model, backend).chunk(batch, steps=3, noise=noise, subtask=False)
     assert out.dtype == torch.float32 and (out - ref).abs().max() < tol
     assert next(model.parameters()).dtype == torch.float32  # the engines work on copies
-
-
-def test_mixed_backend_runs_the_trunk_in_bf16_and_the_expert_in_float32(model) -> None:
-    engine = make_engine(model, "mixed")
-    assert engine.net.blocks[0].qkv.weight.dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for p in engine.net.expert.parameters())
-    assert engine.net.action_pos.dtype == torch.float32
-    batch = batch_of(model, 1, seed=5)
-    noise = torch.randn(1, H, A, generator=torch.Generator().manual_seed(5))
-    ids, out = engine.chunk(batch, steps=3, noise=noise)
-    ref_ids, ref = make_engine(model).chunk(batch, steps=3, noise=noise)
-    assert ids.shape == ref_ids.shape and out.dtype == torch.float32 and (out - ref).abs().max() < 0.1
 
 
 def test_unknown_backend_and_part_are_reported(model, tmp_path) -> None:

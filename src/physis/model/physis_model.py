@@ -166,7 +166,7 @@ class PhysisModel(nn.Module):
         """Expert tokens x (B, n, De): the first n_action are action tokens, the rest future tokens."""
         attn = expert_attention_mask(cache.mask, n_action, x.shape[1] - n_action)
         for block, ck, cv in zip(self.expert, cache.keys, cache.values, strict=True):
-            x, _, _ = block(x, attn, ck.to(x.dtype), cv.to(x.dtype))  # (a bf16 trunk may fill the cache)
+            x, _, _ = block(x, attn, ck, cv)
         return self.expert_norm(x)
 
     def _action_tokens(self, x: torch.Tensor, t: torch.Tensor | None, action_mask: torch.Tensor) -> torch.Tensor:
@@ -470,14 +470,14 @@ class PhysisModel(nn.Module):
         """What every flow step reuses: per-layer key/value buffers [context | n action tokens] with the context
         copied in once, the expert's attention mask as an additive float mask, and the parts of the action
         tokens that do not depend on the noisy actions (the action mask's, each step's time's, the positions)."""
+        keys = [F.pad(k, (0, 0, 0, n)) for k in cache.keys]
+        values = [F.pad(v, (0, 0, 0, n)) for v in cache.values]
+        mask = additive_mask(expert_attention_mask(cache.mask, n, 0), keys[0].dtype)
         # _action_tokens, split: action_in([x, m]) = x Wx' + (m Wm' + b); action_time's first layer on
         # [tok, temb] = tok Wt' + (temb Wτ' + b1); its output bias and the positions add up to one term
         a, de = self.config.action_dim, self.config.expert_width
         w_in, w_time = self.action_in.weight, self.action_time[0].weight
-        dtype = w_in.dtype  # the expert's, which may differ from the trunk's that filled the cache
-        keys = [F.pad(k.to(dtype), (0, 0, 0, n)) for k in cache.keys]
-        values = [F.pad(v.to(dtype), (0, 0, 0, n)) for v in cache.values]
-        mask = additive_mask(expert_attention_mask(cache.mask, n, 0), dtype)
+        dtype = w_in.dtype
         t = torch.tensor(times, device=w_in.device)
         return FlowContext(
             cache, keys, values, mask, n_ctx=cache.mask.shape[1],

@@ -7,8 +7,6 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
 
   eager      the model as it is (float32)
   bf16       a bf16 copy of the weights; the Euler state stays float32
-  mixed      bf16 trunk (prefix and subtask: long sequences, where bf16 matmuls win), float32 action expert
-             (16 tokens per flow step, where small bf16 matmuls are slower than float32)
   int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
@@ -35,9 +33,7 @@ from physis.model.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "bf16", "mixed", "int8", "compile", "onnx", "onnx-int8")
-# The modules a flow step runs (action tokens in, expert, velocity out): what `mixed` keeps in float32.
-EXPERT_PARTS = ("action_in", "action_pos", "action_time", "expert", "expert_norm", "action_out")
+BACKENDS = ("eager", "bf16", "int8", "compile", "onnx", "onnx-int8")
 Batch = dict[str, torch.Tensor]
 
 
@@ -268,12 +264,6 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         return Engine(model)
     if backend == "bf16":
         engine = Engine(model, copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16)
-    elif backend == "mixed":
-        net = copy.deepcopy(model).to(torch.bfloat16)
-        for name in EXPERT_PARTS:
-            if hasattr(model, name):
-                setattr(net, name, copy.deepcopy(getattr(model, name)))
-        engine = Engine(model, net, torch.bfloat16)
     elif backend == "int8":
         with warnings.catch_warnings():  # the eager quantization API warns that it is deprecated; it still works
             warnings.simplefilter("ignore")

@@ -35,7 +35,7 @@ from physis.runtime.backends import BACKENDS, Engine, make_engine
 from physis.runtime.export import example_batch
 
 VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
-EAGER_FAMILY = ("eager", "bf16", "mixed", "int8")  # backends that can run without the prefix cache
+EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
 BLOCK = 5  # chunks timed back to back per configuration and round
 
 
@@ -52,7 +52,7 @@ class LatencyBenchConfig:
     cache: tuple[bool, ...] = (True, False)
     """With and without the prefix cache."""
     backends: tuple[str, ...] = BACKENDS
-    """Inference backends (eager, bf16, mixed, int8, compile, onnx, onnx-int8)."""
+    """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8)."""
     cameras: int = 2
     image_size: int = 96
     subtask: bool = True
