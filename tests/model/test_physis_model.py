@@ -165,7 +165,15 @@ def joint_velocity(model: PhysisModel, batch, x, t, subtask_ids=None) -> torch.T
         allowed[:, n_tr:, n_pre:n_tr] = (subtask_ids != PAD)[:, None, :]
     allowed[:, n_tr:, n_tr:] = True
     h_tr, h_act = tokens, act
-    for blk, eblk in zip(model.blocks, model.expert, strict=True):
+    experts = dict(zip(model.config.expert_reads, model.expert, strict=True))  # trunk layer -> its expert layer
+    for i, blk in enumerate(model.blocks):
+        if i not in experts:  # no expert layer runs beside this trunk layer
+            q, k, v = blk._split(h_tr)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, :n_tr, :n_tr])
+            h_tr = h_tr + blk.proj(out.transpose(1, 2).flatten(2))
+            h_tr = h_tr + blk.mlp(blk.norm2(h_tr))
+            continue
+        eblk = experts[i]
         (q1, k1, v1), (q2, k2, v2) = blk._split(h_tr), eblk._split(h_act)
         out = F.scaled_dot_product_attention(
             torch.cat([q1, q2], 2), torch.cat([k1, k2], 2), torch.cat([v1, v2], 2), attn_mask=allowed[:, None]
@@ -206,6 +214,40 @@ def test_cached_prefix_matches_the_joint_sequence() -> None:
     a1 = model.sample_actions(cache=cache, generator=torch.Generator().manual_seed(9))
     a2 = model.sample_actions(cache=cache, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a1, a2)
+
+
+def test_expert_reads_evenly_spaced_trunk_layers() -> None:
+    assert ModelConfig.preset("small").expert_reads == (0, 1, 2, 3)
+    assert ModelConfig.preset("small", expert_depth=2).expert_reads == (1, 3)
+    assert ModelConfig.preset("small", expert_depth=1).expert_reads == (3,)
+    assert ModelConfig.preset("base", expert_depth=5).expert_reads == (1, 3, 6, 8, 11)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match="expert_depth"):
+            ModelConfig.preset("small", expert_depth=bad)
+
+
+@torch.no_grad()
+def test_a_shallower_expert_matches_the_joint_sequence() -> None:
+    full, _ = model_and_batch()
+    model, batch = model_and_batch(expert_depth=1)  # tiny: 2 trunk layers, the expert reads only the last
+    model.eval()
+    assert len(model.expert) == 1 and model.num_parameters() < full.num_parameters()
+    g = torch.Generator().manual_seed(6)
+    x, t, noise = torch.randn(B, H, A, generator=g), torch.rand(B, generator=g), torch.randn(B, H, A, generator=g)
+    cache = model.encode_prefix(batch)
+    assert torch.allclose(model.predict_velocity(cache, x, t), joint_velocity(model, batch, x, t), atol=1e-5)
+    ids, with_sub = model.generate_subtask(cache)
+    ref = joint_velocity(model, batch, x, t, subtask_ids=ids)
+    assert torch.allclose(model.predict_velocity(with_sub, x, t), ref, atol=1e-5)
+    fast = model.sample_actions(cache=with_sub, noise=noise, steps=3)
+    xr = noise.clone()
+    for i in range(3):
+        xr = xr - joint_velocity(model, batch, xr, torch.full((B,), 1 - i / 3), subtask_ids=ids) / 3
+    assert torch.allclose(fast, xr * batch["action_mask"][:, None], atol=1e-5)
+    # the first trunk layer's keys reach the actions only through the last layer's
+    changed = PrefixCache([k + 1.0 if i == 0 else k for i, k in enumerate(cache.keys)], cache.values, cache.mask,
+                          cache.pooled, cache.action_mask, cache.prefix_len, cache.cameras)
+    assert torch.equal(model.predict_velocity(changed, x, t), model.predict_velocity(cache, x, t))
 
 
 @torch.no_grad()

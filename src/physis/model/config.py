@@ -21,9 +21,12 @@ class ModelConfig:
     depth: int = 4
     heads: int = 6
     mlp_ratio: float = 4.0
-    # action expert (serves action + future tokens); one expert layer per trunk layer, same heads/head dim
+    # action expert (serves action + future tokens), same heads/head dim as the trunk; by default one expert
+    # layer per trunk layer (layer l reads trunk layer l's keys/values); expert_depth < depth gives fewer
+    # layers, which read evenly spaced trunk layers ending with the last (`expert_reads`): less work per flow step
     expert_width: int = 128
     expert_mlp_ratio: float = 4.0
+    expert_depth: int | None = None  # None: depth
     # image tokenizer
     image_size: int = 96
     patch_size: int = 12
@@ -78,12 +81,20 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: image_size {self.image_size} must be a multiple of 8 (decoder)")
         if self.latent_grid > self.image_size // self.patch_size:
             raise ValueError(f"ModelConfig: latent_grid {self.latent_grid} exceeds the patch grid {self.patch_grid}")
+        if self.expert_depth is not None and not 1 <= self.expert_depth <= self.depth:
+            raise ValueError(f"ModelConfig.expert_depth: expected 1..depth ({self.depth}), found {self.expert_depth}")
         if self.backbone is not None and not self.backbone.startswith("hf:"):
             raise ValueError(f"ModelConfig.backbone: expected 'hf:/local/dir', found {self.backbone!r}")
 
     @property
     def head_dim(self) -> int:
         return self.width // self.heads
+
+    @property
+    def expert_reads(self) -> tuple[int, ...]:
+        """The trunk layer whose keys/values each expert layer attends to (0-based), evenly spaced, the last last."""
+        n = self.expert_depth or self.depth
+        return tuple((j + 1) * self.depth // n - 1 for j in range(n))
 
     @property
     def patch_grid(self) -> int:

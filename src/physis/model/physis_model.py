@@ -80,7 +80,7 @@ class PhysisModel(nn.Module):
         self.prefix = PrefixTokenizer(cfg)
         self.blocks = nn.ModuleList(Block(d, cfg.heads, hd, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(d)
-        self.expert = nn.ModuleList(Block(de, cfg.heads, hd, cfg.expert_mlp_ratio) for _ in range(cfg.depth))
+        self.expert = nn.ModuleList(Block(de, cfg.heads, hd, cfg.expert_mlp_ratio) for _ in cfg.expert_reads)
         self.expert_norm = nn.LayerNorm(de)
 
         a = cfg.action_dim
@@ -165,8 +165,8 @@ class PhysisModel(nn.Module):
     def _expert(self, x: torch.Tensor, cache: PrefixCache, n_action: int) -> torch.Tensor:
         """Expert tokens x (B, n, De): the first n_action are action tokens, the rest future tokens."""
         attn = expert_attention_mask(cache.mask, n_action, x.shape[1] - n_action)
-        for block, ck, cv in zip(self.expert, cache.keys, cache.values, strict=True):
-            x, _, _ = block(x, attn, ck, cv)
+        for block, layer in zip(self.expert, self.config.expert_reads, strict=True):
+            x, _, _ = block(x, attn, cache.keys[layer], cache.values[layer])
         return self.expert_norm(x)
 
     def _action_tokens(self, x: torch.Tensor, t: torch.Tensor | None, action_mask: torch.Tensor) -> torch.Tensor:
@@ -467,11 +467,12 @@ class PhysisModel(nn.Module):
         return x * keep
 
     def _flow_context(self, cache: PrefixCache, n: int, times: list[float]) -> FlowContext:
-        """What every flow step reuses: per-layer key/value buffers [context | n action tokens] with the context
-        copied in once, the expert's attention mask as an additive float mask, and the parts of the action
+        """What every flow step reuses: each expert layer's key/value buffers [context | n action tokens] with the
+        context copied in once, the expert's attention mask as an additive float mask, and the parts of the action
         tokens that do not depend on the noisy actions (the action mask's, each step's time's, the positions)."""
-        keys = [F.pad(k, (0, 0, 0, n)) for k in cache.keys]
-        values = [F.pad(v, (0, 0, 0, n)) for v in cache.values]
+        reads = self.config.expert_reads
+        keys = [F.pad(cache.keys[i], (0, 0, 0, n)) for i in reads]
+        values = [F.pad(cache.values[i], (0, 0, 0, n)) for i in reads]
         mask = additive_mask(expert_attention_mask(cache.mask, n, 0), keys[0].dtype)
         # _action_tokens, split: action_in([x, m]) = x Wx' + (m Wm' + b); action_time's first layer on
         # [tok, temb] = tok Wt' + (temb Wτ' + b1); its output bias and the positions add up to one term

@@ -53,6 +53,8 @@ class LatencyBenchConfig:
     """With and without the prefix cache."""
     backends: tuple[str, ...] = BACKENDS
     """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8)."""
+    expert_depth: int = 0
+    """Action-expert layers of the presets (0: one per trunk layer, the presets' own)."""
     cameras: int = 2
     image_size: int = 96
     subtask: bool = True
@@ -222,8 +224,10 @@ def _models(cfg: LatencyBenchConfig) -> dict[str, PhysisModel]:
     models = {}
     for name in cfg.presets:
         torch.manual_seed(cfg.seed)
-        config = ModelConfig.preset(name, cameras=cfg.cameras, image_size=cfg.image_size, subtask_vocab=VOCAB)
-        models[name] = PhysisModel(config).eval()
+        config = ModelConfig.preset(name, cameras=cfg.cameras, image_size=cfg.image_size, subtask_vocab=VOCAB,
+                                    expert_depth=cfg.expert_depth or None)
+        label = f"{name}-expert{cfg.expert_depth}" if cfg.expert_depth else name
+        models[label] = PhysisModel(config).eval()
     return models
 
 

@@ -40,6 +40,7 @@ class TrainCommand:
     history: int = 1
     image_size: int = 96
     patch_size: int = 0  # 0: the preset's; it must divide image_size (e.g. 8 for 64x64 images)
+    expert_depth: int = 0  # 0: one action-expert layer per trunk layer; fewer make each flow step cheaper
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -73,7 +74,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         cameras=data.num_cameras, history=cmd.history, image_size=cmd.image_size,
         num_embodiments=len(data.embodiments), action_head=cmd.action_head, world_model=cmd.world_model,
         subtask=cmd.subtask, progress=cmd.progress_head, subtask_vocab=tuple(data.vocab.words),
-        **({"patch_size": cmd.patch_size} if cmd.patch_size else {}), **cmd.overrides)
+        **({"patch_size": cmd.patch_size} if cmd.patch_size else {}),
+        **({"expert_depth": cmd.expert_depth} if cmd.expert_depth else {}), **cmd.overrides)
     model = PhysisModel(model_cfg)
     meta = {
         "model": model_cfg.to_dict(),
