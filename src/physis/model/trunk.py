@@ -1,8 +1,10 @@
 """The trunk (prefix + subtask tokens) and the action expert (action + future tokens).
 
-Both are pre-norm transformers with the same number of layers, heads and head dim. Expert layer l attends
-to the trunk's layer-l keys/values (π0-style mixture of experts over one sequence), so the trunk never sees
-action tokens and its per-layer K/V can be computed once per observation and cached (`PrefixCache`).
+Both are pre-norm transformers with the same heads and head dim. By default they have the same number of
+layers and expert layer l attends to the trunk's layer-l keys/values (π0-style mixture of experts over one
+sequence); a shallower expert reads evenly spaced trunk layers (`ModelConfig.expert_reads`). Either way the
+trunk never sees action tokens, so its per-layer K/V can be computed once per observation and cached
+(`PrefixCache`).
 """
 
 from __future__ import annotations
