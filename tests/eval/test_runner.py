@@ -29,6 +29,7 @@ def test_expert_on_two_tasks_in_parallel(tmp_path):
         assert len(r["videos"]) == 1 and (tmp_path / r["videos"][0]).stat().st_size > 1000
     assert results["mean_success"] == 1.0
     assert results["episodes_per_task"] == 2 and isinstance(results["seed"], int)
+    assert results["cameras"] == ["corner", "gripper"]  # the embodiment's, as none were chosen
     assert (tmp_path / "success.png").stat().st_size > 1000
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from physis.embodiment import load_embodiment
 from physis.eval.policies import as_chunk, make_policy
 from physis.eval.report import TaskResult, write_report
 from physis.progress import progress_bar
@@ -155,6 +156,13 @@ def _limit_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def rendered_cameras(cfg: EvalConfig) -> list[str]:
+    """The cameras an evaluation renders: the chosen ones, else the embodiment's; none without images."""
+    if cfg.image_size == 0:
+        return []
+    return list(cfg.cameras) or [c.name for c in load_embodiment(get_suite(cfg.suite).embodiment).cameras]
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Run the evaluation and write `results.json`, `success.png` and `videos/` under `cfg.out`."""
     tasks = resolve_tasks(cfg.suite, list(cfg.tasks) or None)
@@ -216,6 +224,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "seed_ranges": seed_ranges(),
         "replan_every": cfg.replan_every,
         "image_size": cfg.image_size,
+        "cameras": rendered_cameras(cfg),
         "max_steps": cfg.max_steps or None,
         "workers": workers,
         "seconds": round(seconds, 2),
