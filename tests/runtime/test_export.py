@@ -79,7 +79,7 @@ def test_onnx_flow_graph_inpaints_like_the_model(model, onnx_dir) -> None:
     assert np.array_equal(out[:, :2], target[:, :2].numpy())
 
 
-@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1), ("hybrid", 0.1)])
+@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1)])
 def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
     batch = batch_of(model, 2, seed=3)
     noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(3))
@@ -87,14 +87,6 @@ def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
     _, out = make_engine(model, backend).chunk(batch, steps=3, noise=noise, subtask=False)
     assert out.dtype == torch.float32 and (out - ref).abs().max() < tol
     assert next(model.parameters()).dtype == torch.float32  # the engines work on copies
-
-
-def test_hybrid_engine_hands_a_float32_cache_to_its_int8_subtask_and_flow(model) -> None:
-    engine = make_engine(model, "hybrid")
-    cache = engine.encode_prefix(batch_of(model, 1, seed=4))
-    assert all(k.dtype == torch.float32 for k in cache.keys + cache.values)
-    ids, actions = engine.chunk(batch_of(model, 1, seed=4), steps=2)
-    assert ids is not None and actions.shape == (1, H, A) and torch.isfinite(actions).all()
 
 
 def test_unknown_backend_and_part_are_reported(model, tmp_path) -> None:

@@ -8,8 +8,6 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   eager      the model as it is (float32)
   bf16       a bf16 copy of the weights; the Euler state stays float32
   int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
-  hybrid     the prefix encoded with bf16 weights (one long sequence: AMX matmuls win) and its cache cast to
-             float32; the subtask and the flow steps with int8 (a few tokens at a time: small matmuls)
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
@@ -22,7 +20,6 @@ import logging
 import tempfile
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ from physis.model.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "bf16", "int8", "hybrid", "compile", "onnx", "onnx-int8")
+BACKENDS = ("eager", "bf16", "int8", "compile", "onnx", "onnx-int8")
 Batch = dict[str, torch.Tensor]
 
 
@@ -96,19 +93,6 @@ class Engine:
         actions = self.sample_actions(steps=steps, noise=noise, generator=generator, cache=cache,
                                       prefix_actions=prefix_actions, prefix_weights=prefix_weights)
         return ids, actions
-
-
-class HybridEngine(Engine):
-    """`net` (int8) decodes the subtask and runs the flow steps; `prefix_net` (bf16) encodes the prefix."""
-
-    def __init__(self, model: PhysisModel, net: nn.Module, prefix_net: nn.Module) -> None:
-        super().__init__(model, net)
-        self.prefix_net = prefix_net.eval()
-
-    def encode_prefix(self, batch: Batch) -> PrefixCache:
-        half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-        cache = self.prefix_net.encode_prefix(half, pooled=False)
-        return replace(cache, keys=[k.float() for k in cache.keys], values=[v.float() for v in cache.values])
 
 
 class _LoopEngine(Engine):
@@ -281,27 +265,20 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
     if backend == "bf16":
         engine = Engine(model, copy.deepcopy(model).to(torch.bfloat16), torch.bfloat16)
     elif backend == "int8":
-        engine = Engine(model, _int8_copy(model))
-    elif backend == "hybrid":
-        engine = HybridEngine(model, _int8_copy(model), copy.deepcopy(model).to(torch.bfloat16))
+        with warnings.catch_warnings():  # the eager quantization API warns that it is deprecated; it still works
+            warnings.simplefilter("ignore")
+            net = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        # the action-token layers stay float: the flow loop folds their weights into per-chunk terms
+        net.action_in = copy.deepcopy(model.action_in)
+        if hasattr(model, "action_time"):
+            net.action_time = copy.deepcopy(model.action_time)
+        engine = Engine(model, net)
     elif backend == "compile":
         engine = CompiledEngine(model)
     else:
         engine = OnnxEngine(model, int8=backend == "onnx-int8", **options)
     engine.backend = backend
     return engine
-
-
-def _int8_copy(model: PhysisModel) -> nn.Module:
-    """The model with dynamically quantized int8 Linear layers, except the action-token layers (the flow loop
-    folds their weights into per-chunk terms)."""
-    with warnings.catch_warnings():  # the eager quantization API warns that it is deprecated; it still works
-        warnings.simplefilter("ignore")
-        net = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-    net.action_in = copy.deepcopy(model.action_in)
-    if hasattr(model, "action_time"):
-        net.action_time = copy.deepcopy(model.action_time)
-    return net
 
 
 def _with_action_mask(batch: Batch, action_dim: int) -> Batch:

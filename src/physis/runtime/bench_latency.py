@@ -52,7 +52,7 @@ class LatencyBenchConfig:
     cache: tuple[bool, ...] = (True, False)
     """With and without the prefix cache."""
     backends: tuple[str, ...] = BACKENDS
-    """Inference backends (eager, bf16, int8, hybrid, compile, onnx, onnx-int8)."""
+    """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8)."""
     expert_depth: int = 0
     """Action-expert layers of the presets (0: one per trunk layer, the presets' own)."""
     cameras: int = 2
