@@ -52,3 +52,14 @@ def test_meta_describes_the_inputs(data, demos):
     assert meta["embodiments"][0]["name"] == "metaworld_sawyer"
     assert set(meta["stats"]["metaworld_sawyer"]["stats"]) == {"observation.state", "action"}
     assert embodiment_for(demos).name == "metaworld_sawyer"
+
+
+def test_shifted_batches_are_still_a_function_of_seed_and_step(data):
+    plain = list(data.batches(batch_size=3, seed=7, steps=3))
+    full = list(data.batches(batch_size=3, seed=7, steps=3, image_shift=4))
+    resumed = list(data.batches(batch_size=3, seed=7, steps=3, start_step=1, image_shift=4))
+    for a, b in zip(full[1:], resumed, strict=True):
+        torch.testing.assert_close(a["images"], b["images"])
+        torch.testing.assert_close(a["future_images"], b["future_images"])
+    assert not torch.equal(plain[0]["images"], full[0]["images"])
+    torch.testing.assert_close(plain[0]["actions"], full[0]["actions"])  # only the pixels move

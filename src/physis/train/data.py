@@ -21,6 +21,7 @@ from physis.data.layout import DatasetFormatError, read_json
 from physis.data.mixture import DatasetMixture, MixtureSource
 from physis.data.stats import Normalizer, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
+from physis.train.augment import random_shift
 
 EMBODIMENT_META = "embodiment.json"  # written by `physis collect` beside info.json
 
@@ -132,13 +133,21 @@ class TrainingData:
         }
 
     def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0,
-                num_workers: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Model batches for steps start_step .. steps-1, each a pure function of (seed, step)."""
+                num_workers: int = 0, image_shift: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Model batches for steps start_step .. steps-1, each a pure function of (seed, step).
+
+        image_shift > 0 shifts every camera image by up to that many pixels (`augment.random_shift`).
+        """
         sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps)
         loader = torch.utils.data.DataLoader(self.mixture, batch_sampler=sampler, num_workers=num_workers,
                                              persistent_workers=num_workers > 0)
-        for raw in loader:
-            yield self.to_model_batch(raw)
+        for step, raw in enumerate(loader, start=start_step):
+            batch = self.to_model_batch(raw)
+            if image_shift:
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
+                batch["images"], batch["future_images"] = random_shift(
+                    batch["images"], batch["future_images"], image_shift, gen)
+            yield batch
 
     def to_model_batch(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = raw["observation.state"]

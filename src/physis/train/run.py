@@ -39,6 +39,7 @@ class TrainCommand:
     horizon: int = 16
     history: int = 1
     image_size: int = 96
+    image_shift: int = 0  # augmentation: shift each camera image by up to this many pixels (0: off)
     patch_size: int = 0  # 0: the preset's; it must divide image_size (e.g. 8 for 64x64 images)
     expert_depth: int = 0  # 0: one action-expert layer per trunk layer; fewer make each flow step cheaper
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
@@ -86,6 +87,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "cameras": data.meta()["cameras"],
         "num_cameras": data.num_cameras,
         "datasets": [str(p) for p in cmd.data],
+        "augment": {"image_shift": cmd.image_shift},
         "stats": data.stats,
     }
     return model, data, meta
@@ -106,7 +108,7 @@ def train(cmd: TrainCommand) -> dict[str, Any]:
 
     def batches(start_step: int):
         return data.batches(cmd.batch_size, seed=seed, steps=cmd.steps, start_step=start_step,
-                            num_workers=cmd.workers)
+                            num_workers=cmd.workers, image_shift=cmd.image_shift)
 
     trainer = Trainer(model, batches, cfg, checkpoint_meta=meta)
     return trainer.train()
