@@ -27,6 +27,8 @@ def test_expert_on_two_tasks_in_parallel(tmp_path):
         assert r["errors"] == 0
         assert all(EVAL_SEEDS.start <= s < EVAL_SEEDS.stop for s in r["seeds"])
         assert len(r["videos"]) == 1 and (tmp_path / r["videos"][0]).stat().st_size > 1000
+        assert len(r["episode_goal_distance"]) == 2 and all(d >= 0 for d in r["episode_goal_distance"])
+    assert max(results["tasks"]["reach-v3"]["episode_goal_distance"]) <= 0.05  # reach succeeds within 5 cm
     assert results["mean_success"] == 1.0
     assert results["episodes_per_task"] == 2 and isinstance(results["seed"], int)
     assert results["cameras"] == ["corner", "gripper"]  # the embodiment's, as none were chosen
@@ -41,6 +43,10 @@ def test_expert_through_eval_on_every_suite(tmp_path, suite):
     for name, r in results["tasks"].items():
         assert r["errors"] == 0, r["error_examples"]
         assert r["successes"] == 1, name
+        if suite == "pointmaze/bimodal":  # the ball ends inside the goal's 0.45 m radius
+            assert 0 <= r["episode_goal_distance"][0] <= 0.45
+        else:
+            assert "episode_goal_distance" not in r  # suites without a goal distance leave it out
 
 
 class CountingPolicy:
@@ -87,6 +93,7 @@ def test_chunks_run_open_loop_or_replan(tmp_path, replan, calls):
     r = _eval(tmp_path, "CountingPolicy", episodes=1, replan_every=replan)
     assert r["mean_length"] == 8
     assert CountingPolicy.calls == calls
+    assert r["episode_goal_distance"][0] > 0.05  # a still arm has not reached the goal
 
 
 @pytest.mark.parametrize(("policy", "message"), [

@@ -24,6 +24,7 @@ class TaskResult:
     seconds: float = 0.0
     outcomes: list[bool] = field(default_factory=list)  # success per episode, in seed order
     lengths: list[int] = field(default_factory=list)  # steps per episode, in seed order
+    goal_distances: list[float | None] = field(default_factory=list)  # after the last step, in seed order
 
     @property
     def success_rate(self) -> float:
@@ -42,6 +43,7 @@ class TaskResult:
             seconds=sum(e.seconds for e in episodes),
             outcomes=[bool(e.success) for e in episodes],
             lengths=[int(e.length) for e in episodes],
+            goal_distances=[getattr(e, "goal_distance", None) for e in episodes],
         )
 
     def to_json(self, out: Path) -> dict[str, Any]:
@@ -58,6 +60,8 @@ class TaskResult:
             "seeds": self.seeds,
             "episode_success": self.outcomes,
             "episode_length": self.lengths,
+            **({"episode_goal_distance": self.goal_distances} if any(d is not None for d in self.goal_distances)
+               else {}),
         }
 
 

@@ -62,6 +62,7 @@ class EpisodeResult:
     error: str | None = None
     video: str | None = None
     subtasks: list[str] = field(default_factory=list)  # what the policy said it was doing, per step
+    goal_distance: float | None = None  # the suite's distance to the goal after the last step, if it has one
 
 
 def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> EpisodeResult:
@@ -73,6 +74,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
     frames: list[np.ndarray] = []
     subtasks: list[str] = []
     steps = 0
+    distance = None
     try:
         obs, _ = env.reset(seed=seed)
         policy = _policy(cfg, env)  # after the reset: experts read the episode's simulator state
@@ -86,7 +88,8 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             for action in chunk[:n]:
                 if video is not None:
                     frames.append(_tile(obs["images"]))
-                obs, _, terminated, truncated, _ = env.step(action)
+                obs, _, terminated, truncated, info = env.step(action)
+                distance = info.get("goal_distance", distance)
                 steps += 1
                 subtasks.append(label or "")
                 done = terminated or truncated
@@ -101,7 +104,8 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
         _write_video(video, frames, env.embodiment.fps)
     success = env.success and error is None
     return EpisodeResult(task, seed, bool(success), steps, time.perf_counter() - start, error,
-                         str(video) if video is not None and frames else None, subtasks)
+                         str(video) if video is not None and frames else None, subtasks,
+                         None if distance is None else round(float(distance), 4))
 
 
 _POLICIES: dict[tuple[str, ...], Any] = {}

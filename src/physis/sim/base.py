@@ -6,8 +6,9 @@ Every suite returns the same observation, whatever the simulator underneath:
      "state": {group: float32[size]},             # the embodiment's state groups, in spec order
      "instruction": str}                          # what to do, in language
 
-`step` reports `info["success"]` (and the suite's own extras). The policy never sees privileged
-simulator state (object poses, goals); experts do, through the environment they were built for.
+`step` reports `info["success"]` (and the suite's own extras; `info["goal_distance"]`, where a suite
+has one, is how far the thing that must reach the goal still is from it). The policy never sees
+privileged simulator state (object poses, goals); experts do, through the environment they were built for.
 """
 
 from __future__ import annotations

@@ -65,7 +65,8 @@ class MetaWorldEnv(SimEnv):
 
     def _sim_step(self, action: np.ndarray) -> tuple[float, bool, dict[str, Any]]:
         self._obs39, reward, _, _, info = self._env.step(action.astype(np.float32))
-        return float(reward), bool(info["success"]), {}
+        extras = {"goal_distance": float(info["obj_to_target"])} if "obj_to_target" in info else {}
+        return float(reward), bool(info["success"]), extras
 
     def _sim_state(self) -> dict[str, np.ndarray]:
         return {"eef_pos": self._obs39[:3], "gripper": self._obs39[3:4]}

@@ -268,8 +268,9 @@ class PointMazeBimodalEnv(SimEnv):
         self.episode += 1
 
     def _sim_step(self, action: np.ndarray) -> tuple[float, bool, dict[str, Any]]:
-        _, reward, _, _, info = self._env.step(action.astype(np.float64))
-        return float(reward), bool(info["success"]), {}
+        obs, reward, _, _, info = self._env.step(action.astype(np.float64))
+        distance = float(np.linalg.norm(obs["achieved_goal"] - obs["desired_goal"]))
+        return float(reward), bool(info["success"]), {"goal_distance": distance}
 
     def _sim_state(self) -> dict[str, np.ndarray]:
         return {"pos": self.ball_pos, "vel": self.ball_vel}
