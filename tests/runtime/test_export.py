@@ -104,3 +104,12 @@ def test_onnx_int8_graphs_stay_close(model, onnx_dir) -> None:
     _, ref = make_engine(model).chunk(batch, steps=3, noise=noise, subtask=False)
     _, out = engine.chunk(batch, steps=3, noise=noise, subtask=False)
     assert out.dtype == torch.float32 and 0 < (out - ref).abs().max() < 0.1
+
+
+def test_example_batch_takes_an_instruction_length(model) -> None:
+    batch = example_batch(model, text_tokens=5)
+    assert batch["text"].shape == (1, 5, 384) and batch["text_mask"].all()
+    assert example_batch(model)["text"].shape[1] == model.config.max_text_tokens
+    for bad in (-1, model.config.max_text_tokens + 1):
+        with pytest.raises(ValueError, match="text_tokens"):
+            example_batch(model, text_tokens=bad)

@@ -57,6 +57,9 @@ class LatencyBenchConfig:
     """Action-expert layers of the presets (0: one per trunk layer, the presets' own)."""
     cameras: int = 2
     image_size: int = 96
+    text_tokens: int = 12
+    """Instruction tokens in the prefix. `Policy` drops the encoder's padding, so this is an instruction's own
+    length: MT10's 40 instructions have 5-14 (mean 8.4); 32 is the longest a model takes."""
     subtask: bool = True
     """Generate the subtask before acting (when the model has that head)."""
     draft: bool = True
@@ -101,7 +104,7 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
     with progress_bar("timing", "config", enabled=cfg.progress) as bar:
         task = bar.add_task("chunks", total=len(models) * (len(cfg.backends) + rounds * n_configs), config="")
         for name, model in models.items():
-            batch = example_batch(model, seed=cfg.seed)
+            batch = example_batch(model, seed=cfg.seed, text_tokens=cfg.text_tokens)
             engines = {}
             for backend in cfg.backends:
                 bar.update(task, config=f"{name} {backend} (building)")

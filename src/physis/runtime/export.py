@@ -120,12 +120,15 @@ class FlowSampler(nn.Module):
         return x * action_mask[:, None, :].to(x.dtype)
 
 
-def example_batch(model: PhysisModel, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Observation tensors shaped as the model's config says (every camera, a full-length instruction), for
-    export, warm-up and benchmarks."""
+def example_batch(model: PhysisModel, batch: int = 1, seed: int = 0,
+                  text_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Observation tensors shaped as the model's config says (every camera; an instruction of `text_tokens`
+    tokens, default the longest the model takes), for export, warm-up and benchmarks."""
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
-    s, n_text = cfg.image_size, cfg.max_text_tokens
+    s, n_text = cfg.image_size, text_tokens or cfg.max_text_tokens
+    if not 1 <= n_text <= cfg.max_text_tokens:
+        raise ValueError(f"example_batch: text_tokens must be 1..{cfg.max_text_tokens}, got {n_text}")
     return {
         "images": torch.rand(batch, cfg.cameras, cfg.history, 3, s, s, generator=g),
         "image_mask": torch.ones(batch, cfg.cameras, dtype=torch.bool),

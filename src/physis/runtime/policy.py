@@ -219,7 +219,7 @@ class Policy:
                 raise CheckpointMismatchError(f"observation {i}: {e}") from None
             samples.append(sample)
             frames.append(now)
-        batch = {k: torch.cat([b[k] for b in samples]) for k in samples[0]}
+        batch = trim_text_padding({k: torch.cat([b[k] for b in samples]) for k in samples[0]})
         subtasks, chunks = self._sample_batch(batch, sessions, prefix_actions, prefix_weights)
         outs = []
         for i, session in enumerate(sessions):
@@ -263,3 +263,18 @@ class Policy:
         native = np.clip(native, self.lower, self.upper)
         session.last_safe = native[-1]
         return {"actions": native}
+
+
+def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the instruction's trailing padding tokens, which no token attends to, up to the batch's longest.
+
+    The text encoder pads every instruction to the model's `max_text_tokens` (32); a typical one has 5-14
+    tokens, so the padding is about a seventh of the prefix and of every flow step's keys. Text positions are
+    per token, so the tokens kept see the same inputs: the outputs are those of the padded batch, up to rounding.
+    """
+    mask = batch["text_mask"].bool().any(0)
+    n = int(mask.nonzero().max()) + 1 if mask.any() else 1
+    if n == mask.shape[0]:
+        return batch
+    return {**batch, "text": batch["text"][:, :n], "text_mask": batch["text_mask"][:, :n]}
+
