@@ -183,8 +183,10 @@ def _videos(r: dict[str, Any], root: Path) -> str:
             if seed is not None and seed in t["seeds"] and "episode_success" in t:
                 i = t["seeds"].index(seed)
                 ok, steps = t["episode_success"][i], t["episode_length"][i]
+                distance = (t.get("episode_goal_distance") or [None] * len(t["seeds"]))[i]
+                left = f", {distance:.2f} m from the goal" if distance is not None else ""
                 caption += (f' · <span class="ok">success in {steps} steps</span>' if ok
-                            else f' · <span class="fail">failed ({steps} steps)</span>')
+                            else f' · <span class="fail">failed ({steps} steps{left})</span>')
             poster = _poster(path)
             poster = f' poster="{poster}"' if poster else ""
             figures.append(f'<figure><video controls autoplay muted loop playsinline preload="auto"{poster}>'
