@@ -36,11 +36,17 @@ def test_resume_continues_from_the_last_checkpoint(run, tmp_path):
     assert summary["start_step"] == 4 and summary["steps"] == 6
 
 
-def test_policy_outputs_native_actions_within_limits(run):
+def _policy_and_reach_env(run):
     root, _, _ = run
     policy = Policy.from_checkpoint(root / "run", embodiment="metaworld_sawyer", flow_steps=2)
     env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32))
     obs, _ = env.reset(seed=1_000_000)
+    return policy, env, obs
+
+
+def test_policy_outputs_native_actions_within_limits(run):
+    root, _, _ = run
+    policy, env, obs = _policy_and_reach_env(run)
     policy.reset()
     out = policy.infer(obs)
     assert out["actions"].shape == (8, 4)
@@ -103,10 +109,7 @@ def test_trimming_the_instructions_padding_changes_no_output():
 
 
 def test_policy_encodes_only_the_instructions_own_tokens(run):
-    root, _, _ = run
-    policy = Policy.from_checkpoint(root / "run", embodiment="metaworld_sawyer", flow_steps=2)
-    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32))
-    obs, _ = env.reset(seed=1_000_000)
+    policy, env, obs = _policy_and_reach_env(run)
     env.close()
     seen = []
     encode = policy.engine.encode_prefix
