@@ -4,6 +4,9 @@ A policy trained from pixels on tens of demonstrations memorizes where things si
 each camera's image by a few pixels (DrQ's augmentation, also Diffusion Policy's random crop) makes it
 read positions relative to what it sees. One offset per sample and camera moves the history frames and
 the world model's future frame together, so the motion between them is unchanged.
+
+Off by default (`--image-shift 0`): on MT10 it did not raise success, and on the point maze, whose fixed
+top camera makes a position in the frame a position in the maze, it halved it (docs/benchmarks/model.md).
 """
 
 from __future__ import annotations
