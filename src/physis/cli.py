@@ -256,9 +256,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from physis.runtime.policy import CheckpointMismatchError
     from physis.sim.suites import UnknownNameError
     from physis.train.checkpoint import CheckpointError
+    from physis.train.run import TrainSetupError
 
     return (UnknownNameError, DatasetFormatError, SpecError, FileNotFoundError, FileExistsError, CheckpointError,
-            CheckpointMismatchError, ServeError)
+            CheckpointMismatchError, ServeError, TrainSetupError)
 
 
 _USER_ERRORS = _user_errors()

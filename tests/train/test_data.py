@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from physis.data.layout import DatasetFormatError
 from physis.sim.collect import CollectConfig, collect
 from physis.train.data import DataConfig, TrainingData, embodiment_for
 
@@ -63,3 +64,19 @@ def test_shifted_batches_are_still_a_function_of_seed_and_step(data):
         torch.testing.assert_close(a["future_images"], b["future_images"])
     assert not torch.equal(plain[0]["images"], full[0]["images"])
     torch.testing.assert_close(plain[0]["actions"], full[0]["actions"])  # only the pixels move
+
+
+def test_a_chosen_camera_subset_in_slot_order(data, demos):
+    only = TrainingData([demos], DataConfig(horizon=8, image_size=32, history=2, cameras=("gripper",)))
+    assert only.num_cameras == 1 and only.meta()["cameras"] == {"metaworld_sawyer": ["gripper"]}
+    both = next(data.batches(batch_size=2, seed=3, steps=1))
+    one = next(only.batches(batch_size=2, seed=3, steps=1))
+    assert one["images"].shape == (2, 1, 2, 3, 32, 32)
+    torch.testing.assert_close(one["images"][:, 0], both["images"][:, 1])  # gripper is slot 1 of the sorted pair
+    swapped = TrainingData([demos], DataConfig(horizon=8, image_size=32, history=2, cameras=("gripper", "corner")))
+    assert swapped.meta()["cameras"] == {"metaworld_sawyer": ["gripper", "corner"]}
+
+
+def test_a_camera_the_dataset_lacks_is_named(demos):
+    with pytest.raises(DatasetFormatError, match="front"):
+        TrainingData([demos], DataConfig(horizon=8, image_size=32, cameras=("front",)))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from physis.data.layout import DatasetFormatError
 from physis.data.reader import LeRobotDataset
 from physis.data.stats import Normalizer
 from physis.data.windows import steps_to_seconds
@@ -69,7 +70,7 @@ class DatasetMixture(torch.utils.data.Dataset):
         cams = list(s.cameras) if s.cameras is not None else sorted(probe.video_keys)
         missing = [c for c in cams if c not in probe.video_keys]
         if missing:
-            raise KeyError(f"{s.root}: cameras {missing} are not in the dataset; it has {probe.video_keys}")
+            raise DatasetFormatError(f"{s.root}: cameras {missing} are not in the dataset; it has {probe.video_keys}")
         for key, dim in ((s.state_key, s.embodiment.state_dim), (s.action_key, s.embodiment.action_dim)):
             shape = probe.features.get(key, {}).get("shape")
             if shape != [dim]:

@@ -36,6 +36,7 @@ class DataConfig:
     state_norm: str = "mean_std"
     action_norm: str = "quantile"
     max_subtask_tokens: int = 12
+    cameras: tuple[str, ...] = ()  # camera names in slot order (e.g. "front"); empty: each dataset's, sorted
 
     @property
     def future(self) -> int:
@@ -94,7 +95,8 @@ class TrainingData:
         overrides = list(embodiments) if embodiments is not None else [None] * len(roots)
         specs = [embodiment_for(r, o) for r, o in zip(roots, overrides, strict=True)]
         norm = {"observation.state": self.cfg.state_norm, "action": self.cfg.action_norm}
-        sources = [MixtureSource(r, s, weight=w, normalize=norm)
+        cams = [f"observation.images.{c}" for c in self.cfg.cameras] or None
+        sources = [MixtureSource(r, s, weight=w, cameras=cams, normalize=norm)
                    for r, s, w in zip(roots, specs, weights or [1.0] * len(roots), strict=True)]
         self.mixture = DatasetMixture(sources, history=self.cfg.history, chunk=self.cfg.horizon,
                                       image_size=(self.cfg.image_size, self.cfg.image_size),

@@ -16,6 +16,10 @@ from physis.train.distributed import init_distributed
 from physis.train.loop import TrainConfig, Trainer
 
 
+class TrainSetupError(ValueError):
+    """A train command that cannot run as given (reported to the user, not as a traceback)."""
+
+
 @dataclass
 class TrainCommand:
     """Train physis on LeRobot v3.0 datasets."""
@@ -39,6 +43,7 @@ class TrainCommand:
     horizon: int = 16
     history: int = 1
     image_size: int = 96
+    cameras: tuple[str, ...] = ()  # camera names to train on, in slot order; empty: every camera of the data
     image_shift: int = 0  # augmentation: shift each camera image by up to this many pixels (0: off)
     patch_size: int = 0  # 0: the preset's; it must divide image_size (e.g. 8 for 64x64 images)
     expert_depth: int = 0  # 0: one action-expert layer per trunk layer; fewer make each flow step cheaper
@@ -57,6 +62,8 @@ class TrainCommand:
 
 def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]:
     """The model, the data source and the checkpoint metadata for a command."""
+    if cmd.image_shift < 0:
+        raise TrainSetupError(f"--image-shift must be 0 (off) or a positive number of pixels, got {cmd.image_shift}")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -67,7 +74,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         space = UnifiedSpace.from_dict(base.config["unified_space"])
         vocab = SubtaskVocab(base.config["model"]["subtask_vocab"])
     data = TrainingData(list(cmd.data), DataConfig(horizon=cmd.horizon, history=cmd.history,
-                                                   image_size=cmd.image_size),
+                                                   image_size=cmd.image_size, cameras=tuple(cmd.cameras)),
                         embodiments=list(cmd.embodiments) or None, weights=list(cmd.weights) or None,
                         space=space, vocab=vocab)
     model_cfg = ModelConfig.preset(
