@@ -61,3 +61,30 @@ def test_eval_renders_the_cameras_the_checkpoint_was_trained_on(tiny_checkpoint,
     assert r["errors"] == 0, r["error_examples"]
     r = evaluate(EvalConfig(out=tmp_path / "told", cameras=("corner", "gripper"), **common))["tasks"]["reach-v3"]
     assert r["errors"] == 1 and "lacks cameras ['front']" in r["error_examples"][0]["error"]
+
+
+@pytest.mark.parametrize(("execution", "replan", "plans"),
+                         [("open_loop", 4, 3), ("ensemble", 4, 3), ("ensemble", 0, 12), ("rtc", 4, 3)])
+def test_eval_runs_a_checkpoint_in_each_execution_mode(tiny_checkpoint, tmp_path, monkeypatch, execution, replan,
+                                                       plans):
+    inpainted = []  # per chunk planned: whether committed actions were passed in
+    original = Policy.infer_batch
+
+    def counting(self, observations, sessions, **kw):
+        inpainted.append(kw.get("prefix_actions") is not None)
+        return original(self, observations, sessions, **kw)
+
+    monkeypatch.setattr(Policy, "infer_batch", counting)
+    results = evaluate(EvalConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, image_size=32, max_steps=12,
+                                  workers=1, videos=0, progress=False, checkpoint=tiny_checkpoint,
+                                  replan_every=replan, execution=execution, out=tmp_path))
+    r = results["tasks"]["reach-v3"]
+    assert r["errors"] == 0, r["error_examples"]
+    assert r["mean_length"] == 12 and results["execution"] == execution
+    assert len(inpainted) == plans
+    assert inpainted == [False] + [execution == "rtc"] * (plans - 1)  # only rtc carries the committed actions
+
+
+def test_execution_modes_need_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="--execution rtc runs a checkpoint's Policy in process"):
+        evaluate(EvalConfig(suite="metaworld/mt10", out=tmp_path, execution="rtc", progress=False))

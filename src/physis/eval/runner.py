@@ -1,8 +1,10 @@
 """`physis eval`: N held-out episodes per task, in parallel processes, into results.json, videos and a plot.
 
 A policy returns action chunks; the runner executes each chunk open-loop, or only its first k steps
-before asking again (`replan_every=k`). A policy that raises, or returns the wrong shape or a NaN, fails
-that episode with the reason recorded; the evaluation goes on.
+before asking again (`replan_every=k`). A checkpoint can instead run in one of the runtime's other execution
+modes (`execution="ensemble"` or `"rtc"`, `physis.runtime.execution`), a chunk every k steps, through
+`Policy.select_action` as on a robot. A policy that raises, or returns the wrong shape or a NaN, fails that
+episode with the reason recorded; the evaluation goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from physis.embodiment import load_embodiment
 from physis.eval.policies import as_chunk, make_policy
 from physis.eval.report import TaskResult, write_report
 from physis.progress import progress_bar
+from physis.runtime.execution import ExecutionConfig
 from physis.sim.base import EnvConfig
 from physis.sim.rollout import cached_env
 from physis.sim.seeds import EVAL_SEEDS, eval_seeds, seed_ranges
@@ -44,6 +47,9 @@ class EvalConfig:
     server: str = ""  # ws://HOST:PORT of `physis serve`: evaluate what it serves, through openpi's client
     seed: int = 0  # offset into the evaluation seed range
     replan_every: int = 0  # 0: run each chunk to its end (open loop); k: ask again after k steps
+    # a checkpoint's chunks run open_loop, ensembled (ACT's temporal ensembling) or by rtc (real-time chunking),
+    # a new chunk every --replan-every steps
+    execution: Literal["open_loop", "ensemble", "rtc"] = "open_loop"
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
     image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
@@ -78,8 +84,19 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
     try:
         obs, _ = env.reset(seed=seed)
         policy = _policy(cfg, env)  # after the reset: experts read the episode's simulator state
+        if cfg.execution != "open_loop":
+            policy.execution = ExecutionConfig(cfg.execution, execute=cfg.replan_every or None)
         policy.reset()
         done = False
+        while not done and cfg.execution != "open_loop":  # one action at a time, as a robot runs it
+            if video is not None:
+                frames.append(_tile(obs["images"]))
+            action = policy.select_action(obs)
+            obs, _, terminated, truncated, info = env.step(action)
+            distance = info.get("goal_distance", distance)
+            steps += 1
+            subtasks.append((policy.last_output or {}).get("subtask") or "")
+            done = terminated or truncated
         while not done:
             output = policy.infer(obs)
             chunk = as_chunk(output, env.embodiment.action_dim)
@@ -176,6 +193,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         raise ValueError(f"--image-size must be >= 0, got {cfg.image_size}")
     if cfg.replan_every < 0:
         raise ValueError(f"--replan-every must be >= 0, got {cfg.replan_every}")
+    if cfg.execution != "open_loop" and (cfg.checkpoint is None or cfg.server):
+        raise ValueError(f"--execution {cfg.execution} runs a checkpoint's Policy in process: pass --checkpoint "
+                         "(and no --server)")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
     if cfg.checkpoint is not None and not cfg.cameras:
@@ -227,6 +247,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "seed_offset": cfg.seed,
         "seed_ranges": seed_ranges(),
         "replan_every": cfg.replan_every,
+        "execution": cfg.execution,
         "image_size": cfg.image_size,
         "cameras": rendered_cameras(cfg),
         "max_steps": cfg.max_steps or None,

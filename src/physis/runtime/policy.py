@@ -98,8 +98,9 @@ class Policy:
         self.lower, self.upper = self.spec.action_limits()
         self.session = self.new_session(seed)  # what `infer` and `reset` use
         self.engine = make_engine(self.model, backend, **(backend_options or {}))
-        self.execution = execution or ExecutionConfig()
+        self._execution = execution or ExecutionConfig()
         self._executor: ChunkExecutor | None = None
+        self.last_output: dict[str, Any] | None = None  # `select_action`'s latest chunk (subtask, progress, ...)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, embodiment: str | None = None, **kwargs: Any) -> Policy:
@@ -112,8 +113,20 @@ class Policy:
         model.load_state_dict(ckpt.ema_state or ckpt.model_state)
         return cls(model, ckpt.config, ckpt.stats or {}, embodiment=embodiment, **kwargs)
 
+    @property
+    def execution(self) -> ExecutionConfig:
+        """How `select_action` runs chunks; setting it drops the queue of the previous mode."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, config: ExecutionConfig) -> None:
+        if self._executor is not None:
+            self._executor.close()
+        self._execution, self._executor = config, None
+
     def reset(self) -> None:
         self.session.reset()
+        self.last_output = None
         if self._executor is not None:
             self._executor.reset()
 
@@ -178,7 +191,8 @@ class Policy:
         (open_loop, ensemble or rtc); within the embodiment's limits."""
         if self._executor is None:
             def plan(o: dict[str, Any], prefix: np.ndarray | None, weights: np.ndarray | None) -> np.ndarray:
-                return self.infer(o, prefix, weights)["actions"]
+                self.last_output = self.infer(o, prefix, weights)
+                return self.last_output["actions"]
 
             self._executor = ChunkExecutor(self.execution, plan, self.model.config.horizon)
         return np.clip(self._executor.step(obs), self.lower, self.upper)
