@@ -151,6 +151,7 @@ def test_policy_select_action(tiny_checkpoint, text_encoder, mode) -> None:
         obs, *_ = env.step(a)
     env.close()
     assert len(planned) == {"open_loop": 3, "ensemble": 4, "rtc": 3}[mode]
+    assert policy.last_output["actions"] is planned[-1][0] and isinstance(policy.last_output["subtask"], str)
     if mode == "rtc":  # chunk 1 was asked at chunk 0's index 2 and its first action is chunk 0's index 2
         chunk0, (chunk1, prefix, weights) = planned[0][0], planned[1]
         assert weights[0] == 1 and weights[1] < 1 and np.array_equal(prefix[:6], chunk0[2:])
@@ -158,3 +159,25 @@ def test_policy_select_action(tiny_checkpoint, text_encoder, mode) -> None:
         assert np.array_equal(actions[2], chunk0[2]) and np.array_equal(actions[3], chunk1[1])
     policy.reset()
     assert policy.select_action(obs).shape == (4,)
+
+
+def test_setting_the_execution_mode_drops_the_queued_chunk(tiny_checkpoint, text_encoder) -> None:
+    from physis.runtime import Policy
+    from physis.sim import EnvConfig, make_env
+
+    policy = Policy.from_checkpoint(tiny_checkpoint, flow_steps=2, text_encoder=text_encoder)
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32))
+    obs, _ = env.reset(seed=1_000_000)
+    env.close()
+    calls = []
+    infer = policy.infer
+    policy.infer = lambda o, prefix=None, weights=None: calls.append(1) or infer(o, prefix, weights)
+    policy.select_action(obs)
+    policy.select_action(obs)  # open loop: the second action comes from the queued chunk
+    assert len(calls) == 1
+    policy.execution = ExecutionConfig("open_loop", execute=1)
+    assert policy.execution.execute == 1
+    policy.select_action(obs)  # the old queue is gone: a new chunk is planned
+    assert len(calls) == 2
+    policy.reset()
+    assert policy.last_output is None
