@@ -17,8 +17,9 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from physis.data.video import EncoderConfig
 from physis.data.writer import DatasetWriter
 from physis.embodiment import EmbodimentSpec, load_embodiment
 from physis.progress import progress_bar
@@ -47,6 +48,13 @@ class CollectConfig:
     paraphrase: bool = True  # a random paraphrase of the instruction per episode
     overwrite: bool = False
     progress: bool = True
+    codec: Literal["av1", "h264"] = "av1"  # h264: libx264, where an SVT-AV1 build stalls
+
+    def encoder(self) -> EncoderConfig:
+        """AV1 (SVT, LeRobot's default) or H.264, both with a keyframe every 2 frames for cheap random access."""
+        if self.codec == "h264":
+            return EncoderConfig(codec="libx264", gop=2, crf=23, preset="veryfast")
+        return EncoderConfig()
 
 
 @dataclass
@@ -148,7 +156,8 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     executor: Executor = (_InlineExecutor() if workers == 1
                           else ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
     writer = DatasetWriter.create(cfg.out, fps=int(round(spec.fps)), features=_features(spec, cameras, env_config.hw),
-                                  robot_type=spec.name, subtasks=True, overwrite=cfg.overwrite)
+                                  robot_type=spec.name, subtasks=True, overwrite=cfg.overwrite,
+                                  encoder=cfg.encoder())
     try:
         with writer, executor, progress:
             bar = progress.add_task(cfg.suite, total=len(tasks) * cfg.episodes, expert="-")
