@@ -60,8 +60,13 @@ class MetaWorldEnv(SimEnv):
         return self._obs39
 
     def _sim_reset(self, seed: int) -> None:
+        import mujoco
+
         self._env.seed(seed)
         self._obs39, _ = self._env.reset()
+        # Meta-World moves the goal site in reset without recomputing world positions, so the first frame
+        # would show the previous episode's goal marker; mj_forward changes no state, only derived quantities.
+        mujoco.mj_forward(self._env.model, self._env.data)
 
     def _sim_step(self, action: np.ndarray) -> tuple[float, bool, dict[str, Any]]:
         self._obs39, reward, _, _, info = self._env.step(action.astype(np.float32))
