@@ -49,6 +49,9 @@ class CollectConfig:
     overwrite: bool = False
     progress: bool = True
     codec: Literal["av1", "h264"] = "av1"  # h264: libx264, where an SVT-AV1 build stalls
+    # DART: run the expert's action plus Gaussian noise of this std (a fraction of each action's half-range) and
+    # record the expert's own action, so the data shows how to recover from small errors (0: off)
+    action_noise: float = 0.0
 
     def encoder(self) -> EncoderConfig:
         """AV1 (SVT, LeRobot's default) or H.264, both with a keyframe every 2 frames for cheap random access."""
@@ -106,12 +109,12 @@ def _features(spec: EmbodimentSpec, cameras: tuple[str, ...], hw: tuple[int, int
 
 
 def _run_in_order(executor: Executor, jobs: list[tuple[str, int]], suite: str,
-                  env_config: EnvConfig) -> Iterator[ExpertEpisode]:
+                  env_config: EnvConfig, action_noise: float = 0.0) -> Iterator[ExpertEpisode]:
     """Submit every job, yield results in submission order (a bounded window keeps memory small)."""
     window = 4 * max(1, getattr(executor, "_max_workers", 1))
     pending: list[Future] = []
     for task, seed in jobs:
-        pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config))
+        pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config, action_noise))
         if len(pending) >= window:
             yield pending.pop(0).result()
     while pending:
@@ -140,6 +143,9 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         raise ValueError(f"--episodes must be >= 1, got {cfg.episodes}")
     if cfg.max_attempts < 1:
         raise ValueError(f"--max-attempts must be >= 1, got {cfg.max_attempts}")
+    if not (cfg.action_noise >= 0 and math.isfinite(cfg.action_noise)):
+        raise ValueError(f"--action-noise must be >= 0 (a fraction of each action's half-range), got "
+                         f"{cfg.action_noise}")
     spec = load_embodiment(suite.embodiment)
     env_config = EnvConfig(image_size=cfg.image_size, cameras=tuple(cfg.cameras) or None, paraphrase=cfg.paraphrase)
     cameras = env_config.cameras or tuple(c.name for c in spec.cameras)
@@ -171,7 +177,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                     next_seed[t] += take
                 if not jobs:
                     break
-                for ep in _run_in_order(executor, jobs, cfg.suite, env_config):
+                for ep in _run_in_order(executor, jobs, cfg.suite, env_config, cfg.action_noise):
                     tally = tallies[ep.task]
                     tally.attempts += 1
                     tally.successes += ep.success

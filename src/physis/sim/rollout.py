@@ -46,11 +46,21 @@ class ExpertEpisode:
     subtasks: list[str] = field(default_factory=list)
 
 
-def record_expert_episode(env: SimEnv, seed: int) -> ExpertEpisode:
-    """Run the env's expert from `seed` to success or the step limit, recording observation and action per step."""
+def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0) -> ExpertEpisode:
+    """Run the env's expert from `seed` to success or the step limit, recording observation and action per step.
+
+    action_noise > 0 (DART, Laskey et al. 2017): the robot runs the expert's action plus Gaussian noise of that
+    standard deviation (a fraction of each action's half-range; absolute where a limit is infinite), while the
+    recorded action stays the expert's own. The demonstrations then visit states a little off the expert's path,
+    labelled with how the expert gets back, which is what a cloned policy needs once its own errors add up.
+    The noise is drawn from the episode seed, so a collection stays deterministic.
+    """
     expert = env.expert()
     obs, _ = env.reset(seed=seed)
     expert.reset()
+    lower, upper = env.embodiment.action_limits()
+    half = np.where(np.isfinite(upper - lower), (upper - lower) / 2, 1.0)
+    noise = np.random.default_rng([seed, 0xDA27])
     states: list[np.ndarray] = []
     actions: list[np.ndarray] = []
     labels: list[str] = []
@@ -64,6 +74,8 @@ def record_expert_episode(env: SimEnv, seed: int) -> ExpertEpisode:
         labels.append(label)
         for cam, img in obs["images"].items():
             images[cam].append(img)
+        if action_noise > 0:
+            action = env.check_action(np.clip(action + noise.normal(0.0, action_noise * half), lower, upper))
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
     frames: dict[str, Any] = {"observation.state": np.stack(states), "action": np.stack(actions)}
@@ -73,6 +85,7 @@ def record_expert_episode(env: SimEnv, seed: int) -> ExpertEpisode:
                          length=len(actions), frames=frames, subtasks=labels)
 
 
-def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig) -> ExpertEpisode:
+def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig,
+                       action_noise: float = 0.0) -> ExpertEpisode:
     """Picklable entry point for worker processes."""
-    return record_expert_episode(cached_env(suite, task, config), seed)
+    return record_expert_episode(cached_env(suite, task, config), seed, action_noise)

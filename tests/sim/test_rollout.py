@@ -1,0 +1,36 @@
+"""Expert rollouts: with DART noise the robot runs a perturbed action and the data keeps the expert's own."""
+
+import numpy as np
+import pytest
+
+from physis.sim import EnvConfig, make_env
+from physis.sim.collect import CollectConfig, collect
+from physis.sim.rollout import record_expert_episode
+
+
+def _rollout(noise: float, seed: int = 3):
+    env = make_env("pointmaze/bimodal", "bimodal", EnvConfig(render=False))
+    executed = []
+    step = env.step
+    env.step = lambda a: executed.append(np.array(a)) or step(a)
+    try:
+        return record_expert_episode(env, seed, action_noise=noise), np.stack(executed)
+    finally:
+        env.close()
+
+
+def test_dart_noise_perturbs_what_runs_and_records_the_expert():
+    clean, ran_clean = _rollout(0.0)
+    noisy, ran_noisy = _rollout(0.3)
+    again, _ = _rollout(0.3)
+    np.testing.assert_array_equal(clean.frames["action"], ran_clean.astype(np.float32))  # no noise: as run
+    gap = ran_noisy - noisy.frames["action"]
+    assert 0.1 < gap.std() < 0.4  # the robot ran the expert's action plus noise (clipped at the limits) ...
+    assert np.all(np.abs(ran_noisy) <= 1.0)
+    assert not np.allclose(noisy.frames["observation.state"][:50], clean.frames["observation.state"][:50])
+    np.testing.assert_array_equal(noisy.frames["action"], again.frames["action"])  # ... drawn from the seed
+
+
+def test_negative_action_noise_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--action-noise must be >= 0"):
+        collect(CollectConfig(suite="pointmaze/bimodal", out=tmp_path / "d", action_noise=-0.1, progress=False))
