@@ -48,7 +48,7 @@ class CollectConfig:
     paraphrase: bool = True  # a random paraphrase of the instruction per episode
     overwrite: bool = False
     progress: bool = True
-    codec: Literal["av1", "h264"] = "av1"  # h264: libx264, where an SVT-AV1 build stalls
+    codec: Literal["av1", "h264"] = "av1"  # h264: libx264 (SVT-AV1 can stall for good when cores are oversubscribed)
     # DART: run the expert's action plus Gaussian noise of this std (a fraction of each action's half-range) and
     # record the expert's own action, so the data shows how to recover from small errors (0: off)
     action_noise: float = 0.0
