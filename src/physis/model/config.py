@@ -31,6 +31,8 @@ class ModelConfig:
     image_size: int = 96
     patch_size: int = 12
     stem_channels: int = 32
+    stem_blocks: int = 0  # residual 3x3 conv blocks after the stride-2 stem, at half the image's resolution
+    keypoints: int = 0  # spatial-softmax keypoints of the stem's maps per image, one extra token each image
     # world-model latent: the patch grid pooled to latent_grid x latent_grid, latent_dim per cell
     latent_grid: int = 4
     latent_dim: int = 16
@@ -81,6 +83,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: image_size {self.image_size} must be a multiple of 8 (decoder)")
         if self.latent_grid > self.image_size // self.patch_size:
             raise ValueError(f"ModelConfig: latent_grid {self.latent_grid} exceeds the patch grid {self.patch_grid}")
+        if self.stem_blocks < 0 or self.keypoints < 0:
+            raise ValueError(
+                f"ModelConfig: stem_blocks and keypoints must be >= 0, found {self.stem_blocks}, {self.keypoints}"
+            )
         if self.expert_depth is not None and not 1 <= self.expert_depth <= self.depth:
             raise ValueError(f"ModelConfig.expert_depth: expected 1..depth ({self.depth}), found {self.expert_depth}")
         if self.backbone is not None and not self.backbone.startswith("hf:"):

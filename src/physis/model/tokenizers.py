@@ -9,8 +9,44 @@ from torch import nn
 from physis.model.config import ModelConfig
 
 
+class ResidualConv(nn.Module):
+    """Two 3x3 convolutions with GroupNorm, added to the input: local features sharper than one stem layer."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        groups = 8 if channels % 8 == 0 else 1
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.GELU(),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x + self.body(x))
+
+
+class SpatialSoftmax(nn.Module):
+    """Feature maps (n, C, h, w) -> K keypoints (n, K, 2): the expected (x, y) in [-1, 1] under a softmax
+    over each of K learned maps (Levine et al. 2016). A position becomes a number the policy can map
+    linearly to a target, which a grid of patch tokens does not give it.
+    """
+
+    def __init__(self, channels: int, keypoints: int) -> None:
+        super().__init__()
+        self.maps = nn.Conv2d(channels, keypoints, 1)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        h, w = features.shape[-2:]
+        logits = self.maps(features).flatten(2).float() / self.log_temperature.float().exp()  # (n, K, h*w)
+        ys = torch.linspace(-1.0, 1.0, h, device=features.device)
+        xs = torch.linspace(-1.0, 1.0, w, device=features.device)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2) as (x, y)
+        return (logits.softmax(dim=-1) @ grid).to(features.dtype)
+
+
 class PatchEncoder(nn.Module):
-    """Conv stem (stride 2) + patchify conv: an image becomes a grid of `width` features.
+    """Conv stem (stride 2, then `stem_blocks` residual blocks) + patchify conv: an image becomes a grid of
+    `width` features; with `keypoints` > 0 also K spatial-softmax keypoints of the stem's feature maps.
 
     The same features, pooled to `latent_grid` x `latent_grid` and projected, are the frame latent the
     world model predicts; the latent is layer-normalized (no affine) so flow matching sees unit scale.
@@ -19,20 +55,33 @@ class PatchEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         half = cfg.patch_size // 2
-        self.stem = nn.Sequential(nn.Conv2d(3, cfg.stem_channels, 3, stride=2, padding=1), nn.GELU())
+        blocks = [ResidualConv(cfg.stem_channels) for _ in range(cfg.stem_blocks)]
+        self.stem = nn.Sequential(nn.Conv2d(3, cfg.stem_channels, 3, stride=2, padding=1), nn.GELU(), *blocks)
         self.patchify = nn.Conv2d(cfg.stem_channels, cfg.width, half, stride=half)
+        if cfg.keypoints:
+            self.keypoints = SpatialSoftmax(cfg.stem_channels, cfg.keypoints)
         if cfg.world_model:
             self.to_latent = nn.Linear(cfg.width, cfg.latent_dim)
         self.latent_grid = cfg.latent_grid
         self.image_size = cfg.image_size
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        # (n, 3, h, w) in [0, 1] -> (n, width, g, g)
+    def _check(self, images: torch.Tensor) -> None:
         if images.shape[-2:] != (self.image_size, self.image_size):
             raise ValueError(
                 f"PatchEncoder: expected {self.image_size}x{self.image_size} images, found {tuple(images.shape[-2:])}"
             )
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        # (n, 3, h, w) in [0, 1] -> (n, width, g, g)
+        self._check(images)
         return self.patchify(self.stem(images * 2.0 - 1.0))
+
+    def features_and_keypoints(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(n, 3, h, w) in [0, 1] -> patch features (n, width, g, g) and keypoints (n, K, 2), or None."""
+        self._check(images)
+        stem = self.stem(images * 2.0 - 1.0)
+        points = self.keypoints(stem) if hasattr(self, "keypoints") else None
+        return self.patchify(stem), points
 
     def latent(self, features: torch.Tensor) -> torch.Tensor:
         # (n, width, g, g) -> (n, latent_grid**2, latent_dim)
@@ -67,7 +116,8 @@ class FrameDecoder(nn.Module):
 class PrefixTokenizer(nn.Module):
     """images + text + state + embodiment -> prefix tokens (B, N, width) and their key mask (B, N).
 
-    Token order: image patches (camera-major, then history frame, then patch), text, state, embodiment.
+    Token order: image patches (camera-major, then history frame, then patch), one keypoint token per camera
+    and history frame (when `keypoints` > 0), text, state, embodiment.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -76,6 +126,8 @@ class PrefixTokenizer(nn.Module):
         self.cfg = cfg
         self.patches = PatchEncoder(cfg)
         self.patch_pos = nn.Parameter(torch.zeros(cfg.patch_grid**2, d))
+        if cfg.keypoints:
+            self.keypoint_proj = nn.Linear(2 * cfg.keypoints, d)
         self.camera_emb = nn.Parameter(torch.zeros(cfg.cameras, d))
         self.time_emb = nn.Parameter(torch.zeros(cfg.history, d))
         self.text_proj = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
@@ -94,11 +146,17 @@ class PrefixTokenizer(nn.Module):
                 f"PrefixTokenizer: images (B, C, T)={tuple(images.shape[:3])}, config allows C<={self.cfg.cameras}, "
                 f"T={self.cfg.history}"
             )
-        feats = self.patches.features(images.flatten(0, 2))  # (B*C*T, D, g, g)
+        feats, points = self.patches.features_and_keypoints(images.flatten(0, 2))  # (B*C*T, D, g, g), (.., K, 2)
         p = feats.shape[-1] * feats.shape[-2]
         tok = feats.flatten(2).transpose(1, 2).reshape(b, c, t, p, -1)
         tok = tok + self.patch_pos + self.time_emb[:t, None] + self.camera_emb[:c, None, None]
-        img_mask = batch["image_mask"].bool()[:, :, None].expand(b, c, t * p).reshape(b, -1)
+        tok = tok.reshape(b, c * t * p, -1)
+        cam_mask = batch["image_mask"].bool()[:, :, None]  # (B, C, 1)
+        img_mask = cam_mask.expand(b, c, t * p).reshape(b, -1)
+        if points is not None:  # one token per camera and frame: its K keypoints' coordinates
+            kp_tok = self.keypoint_proj(points.reshape(b, c, t, -1)) + self.time_emb[:t] + self.camera_emb[:c, None]
+            tok = torch.cat([tok, kp_tok.reshape(b, c * t, -1)], dim=1)
+            img_mask = torch.cat([img_mask, cam_mask.expand(b, c, t).reshape(b, -1)], dim=1)
 
         text = batch["text"]  # (B, L, 384)
         n_text = text.shape[1]
@@ -112,7 +170,7 @@ class PrefixTokenizer(nn.Module):
         state_tok = self.state_proj(state)[:, None]
         emb_tok = self.embodiment(batch["embodiment"].long())[:, None]
 
-        tokens = torch.cat([tok.reshape(b, c * t * p, -1), text_tok, state_tok, emb_tok], dim=1)
+        tokens = torch.cat([tok, text_tok, state_tok, emb_tok], dim=1)
         ones = torch.ones(b, 2, dtype=torch.bool, device=tokens.device)
         mask = torch.cat([img_mask, batch["text_mask"].bool(), ones], dim=1)
         return tokens, mask, feats

@@ -47,6 +47,8 @@ class TrainCommand:
     image_shift: int = 0  # augmentation: shift each camera image by up to this many pixels (0: off)
     patch_size: int = 0  # 0: the preset's; it must divide image_size (e.g. 8 for 64x64 images)
     expert_depth: int = 0  # 0: one action-expert layer per trunk layer; fewer make each flow step cheaper
+    stem_blocks: int | None = None  # residual conv blocks in the image stem; None: the preset's
+    keypoints: int | None = None  # spatial-softmax keypoints per image (0: none); None: the preset's
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -83,7 +85,9 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         num_embodiments=len(data.embodiments), action_head=cmd.action_head, world_model=cmd.world_model,
         subtask=cmd.subtask, progress=cmd.progress_head, subtask_vocab=tuple(data.vocab.words),
         **({"patch_size": cmd.patch_size} if cmd.patch_size else {}),
-        **({"expert_depth": cmd.expert_depth} if cmd.expert_depth else {}), **cmd.overrides)
+        **({"expert_depth": cmd.expert_depth} if cmd.expert_depth else {}),
+        **({"stem_blocks": cmd.stem_blocks} if cmd.stem_blocks is not None else {}),
+        **({"keypoints": cmd.keypoints} if cmd.keypoints is not None else {}), **cmd.overrides)
     model = PhysisModel(model_cfg)
     meta = {
         "model": model_cfg.to_dict(),

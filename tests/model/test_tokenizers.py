@@ -1,0 +1,81 @@
+"""The image tokenizer's options: residual stem blocks and spatial-softmax keypoint tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from physis.model import ModelConfig, PhysisModel
+from physis.model.tokenizers import SpatialSoftmax
+from tests.model.test_physis_model import B, make_batch, make_config
+
+
+def test_spatial_softmax_finds_a_bright_spot() -> None:
+    kp = SpatialSoftmax(channels=1, keypoints=1)
+    with torch.no_grad():
+        kp.maps.weight.fill_(1.0)
+        kp.maps.bias.zero_()
+        kp.log_temperature.fill_(-4.0)  # sharp: the expectation sits on the maximum
+    maps = torch.zeros(2, 1, 9, 13)
+    maps[0, 0, 2, 10] = 1.0  # row 2 of 9, column 10 of 13
+    maps[1, 0, 8, 0] = 1.0  # bottom-left corner
+    points = kp(maps)
+    assert points.shape == (2, 1, 2)
+    expected = torch.tensor([[10 / 12 * 2 - 1, 2 / 8 * 2 - 1], [-1.0, 1.0]])
+    assert torch.allclose(points[:, 0], expected, atol=1e-3)
+
+
+def test_keypoints_add_one_prefix_token_per_camera_and_frame() -> None:
+    torch.manual_seed(0)
+    plain, with_kp = make_config(history=2), make_config(history=2, keypoints=8, stem_blocks=1)
+    batch = make_batch(plain)
+    tokens, mask, _ = PhysisModel(plain).prefix(batch)
+    tokens_kp, mask_kp, feats = PhysisModel(with_kp).prefix(batch)
+    c, t = plain.cameras, plain.history
+    assert tokens_kp.shape[1] == tokens.shape[1] + c * t
+    n_img = c * t * plain.patch_grid**2
+    # the keypoint tokens follow the patches and share their camera's mask (batch 2 has no second camera)
+    kp_mask = mask_kp[:, n_img : n_img + c * t].view(B, c, t)
+    assert torch.equal(kp_mask, batch["image_mask"][:, :, None].expand(B, c, t))
+    assert feats.shape == (B * c * t, with_kp.width, plain.patch_grid, plain.patch_grid)
+
+
+def test_keypoints_see_where_things_are() -> None:
+    """Moving an object in the image changes the keypoint token, not only a patch's content."""
+    torch.manual_seed(0)
+    cfg = make_config(keypoints=4)
+    model = PhysisModel(cfg).eval()
+    enc = model.prefix.patches
+    a = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+    b = a.clone()
+    a[..., 4:8, 4:8] = 1.0
+    b[..., 20:24, 20:24] = 1.0
+    with torch.no_grad():
+        pa, pb = enc.features_and_keypoints(a)[1], enc.features_and_keypoints(b)[1]
+    assert pa.shape == (1, 4, 2) and not torch.allclose(pa, pb, atol=1e-3)
+
+
+@pytest.mark.parametrize("overrides", [dict(stem_blocks=2), dict(keypoints=8), dict(stem_blocks=1, keypoints=8)])
+def test_encoder_options_train_and_keep_the_cache_exact(overrides) -> None:
+    torch.manual_seed(0)
+    cfg = make_config(**overrides)
+    model = PhysisModel(cfg)
+    batch = make_batch(cfg)
+    losses = model(batch)
+    losses["loss"].backward()
+    enc = model.prefix.patches
+    if cfg.stem_blocks:
+        assert len(enc.stem) == 2 + cfg.stem_blocks and enc.stem[-1].body[0].weight.grad.abs().sum() > 0
+    if cfg.keypoints:
+        assert enc.keypoints.maps.weight.grad.abs().sum() > 0
+        assert model.prefix.keypoint_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=g)
+    cached = model.sample_actions(cache=model.encode_prefix(batch), noise=noise, steps=3)
+    assert torch.allclose(cached, model.sample_actions(batch, noise=noise, steps=3))
+
+
+def test_negative_encoder_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="stem_blocks and keypoints"):
+        ModelConfig.preset("tiny", keypoints=-1)
