@@ -48,3 +48,18 @@ def test_flop_count_grows_with_steps_and_counts_attention() -> None:
     attention = cfg.depth * 2 * cfg.heads * h * n_keys * 2 * cfg.head_dim  # scores and weighted values
     assert tokens == 0 and per_step == linear + attention
     assert matmul_floor_ms(per_step, torch.float32) > 0
+
+
+def test_a_cuda_device_without_cuda_is_refused(tmp_path, monkeypatch) -> None:
+    import pytest
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda, but torch sees no CUDA device"):
+        run(LatencyBenchConfig(out=tmp_path, presets=("tiny",), device="cuda", progress=False))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_device_is_recorded(tmp_path) -> None:
+    cfg = LatencyBenchConfig(out=tmp_path, presets=("tiny",), steps=(1,), cache=(True,), backends=("eager",),
+                             image_size=32, repeats=1, seconds=0.1, warmup=0, threads=1, progress=False, device="cpu")
+    assert run(cfg)["machine"]["device"] == "cpu"

@@ -11,6 +11,7 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
+  cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from physis.model.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "bf16", "int8", "compile", "onnx", "onnx-int8")
+BACKENDS = ("eager", "bf16", "int8", "compile", "onnx", "onnx-int8", "cuda-graph")
 Batch = dict[str, torch.Tensor]
 
 
@@ -112,7 +113,8 @@ class _LoopEngine(Engine):
             return self.model.sample_actions(cache=cache, prefix_actions=prefix_actions, prefix_weights=prefix_weights)
         shape = (cache.batch_size, cfg.horizon, cfg.action_dim)
         guide = inpainting_target(prefix_actions, prefix_weights, shape)
-        x = noise.float() if noise is not None else torch.randn(shape, generator=generator)
+        x = noise.float() if noise is not None else torch.randn(shape, generator=generator,
+                                                                 device=cache.mask.device)
         velocity = self._velocity_fn(cache)
         steps = steps or cfg.flow_steps
         dt = 1.0 / steps
@@ -142,14 +144,16 @@ class CompiledEngine(_LoopEngine):
     def encode_prefix(self, batch: Batch) -> PrefixCache:
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
-        batch = _with_action_mask(batch, self.config.action_dim)
+        batch = with_action_mask(batch, self.config.action_dim)
         keys, values, mask = self._encoder(*(batch[k] for k in BATCH_KEYS))
         return stacked_cache(keys, values, mask, batch["action_mask"].bool())
 
     def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
         keys, values = torch.stack(cache.keys), torch.stack(cache.values)
         b = cache.batch_size
-        return lambda x, t: self._velocity(x, torch.full((b,), t), keys, values, cache.mask, cache.action_mask)
+        device = cache.mask.device
+        return lambda x, t: self._velocity(x, torch.full((b,), t, device=device), keys, values, cache.mask,
+                                           cache.action_mask)
 
 
 class OnnxEngine(_LoopEngine):
@@ -201,7 +205,7 @@ class OnnxEngine(_LoopEngine):
     def encode_prefix(self, batch: Batch) -> PrefixCache:
         from physis.runtime.export import stacked_cache
 
-        batch = _with_action_mask(batch, self.config.action_dim)
+        batch = with_action_mask(batch, self.config.action_dim)
         keys, values, mask = self._run("encoder", {k: v.numpy() for k, v in batch.items()})
         return stacked_cache(torch.from_numpy(keys), torch.from_numpy(values), torch.from_numpy(mask),
                              batch["action_mask"].bool())
@@ -275,14 +279,19 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         engine = Engine(model, net)
     elif backend == "compile":
         engine = CompiledEngine(model)
+    elif backend == "cuda-graph":
+        from physis.runtime.graphs import GraphEngine
+
+        engine = GraphEngine(model)
     else:
         engine = OnnxEngine(model, int8=backend == "onnx-int8", **options)
     engine.backend = backend
     return engine
 
 
-def _with_action_mask(batch: Batch, action_dim: int) -> Batch:
+def with_action_mask(batch: Batch, action_dim: int) -> Batch:
+    """The batch with an all-true action mask when it has none."""
     if "action_mask" in batch:
         return batch
-    b = batch["images"].shape[0]
-    return {**batch, "action_mask": torch.ones(b, action_dim, dtype=torch.bool)}
+    b, device = batch["images"].shape[0], batch["images"].device
+    return {**batch, "action_mask": torch.ones(b, action_dim, dtype=torch.bool, device=device)}

@@ -11,6 +11,9 @@ best of 20 runs).
 The configurations of a preset are timed round-robin, five chunks at a time, so that whatever else the machine
 does meanwhile falls on all of them alike; `cpu_p50_ms` (process CPU time per chunk) is the steadier figure
 on a shared machine, p50/p90/p99 (wall clock) the ones a control loop sees.
+
+`--device cuda` times the models on a GPU: each chunk ends with a device synchronization, the floor is a matmul
+on that device, and the CPU-only backends (int8, onnx, onnx-int8) are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from physis.runtime.export import example_batch
 
 VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
 EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
+CPU_ONLY = ("int8", "onnx", "onnx-int8")  # quantized kernels and ONNX Runtime's CPU provider
+GPU_ONLY = ("cuda-graph",)  # on a CPU this engine runs eagerly: nothing to time
 BLOCK = 5  # chunks timed back to back per configuration and round
 
 
@@ -51,8 +56,8 @@ class LatencyBenchConfig:
     """Flow steps per chunk."""
     cache: tuple[bool, ...] = (True, False)
     """With and without the prefix cache."""
-    backends: tuple[str, ...] = BACKENDS
-    """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8)."""
+    backends: tuple[str, ...] = tuple(b for b in BACKENDS if b not in GPU_ONLY)
+    """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8; on a GPU also cuda-graph)."""
     expert_depth: int = 0
     """Action-expert layers of the presets (0: one per trunk layer, the presets' own)."""
     cameras: int = 2
@@ -75,6 +80,8 @@ class LatencyBenchConfig:
     onnx_dir: Path | None = None
     """Where exported ONNX graphs are kept (per preset) and reused by the next run; default OUT/onnx."""
     seed: int = 0
+    device: str = "cpu"
+    """Where the models run: cpu, cuda, cuda:1, ..."""
     progress: bool = True
 
 
@@ -84,6 +91,8 @@ def run(cfg: LatencyBenchConfig) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"bench latency: unknown backends {unknown}; expected some of {BACKENDS}")
     threads = cfg.threads or len(os.sched_getaffinity(0))
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"bench latency: --device {cfg.device}, but torch sees no CUDA device")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -95,7 +104,8 @@ def run(cfg: LatencyBenchConfig) -> dict[str, Any]:
 def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
     from physis.progress import progress_bar
 
-    models = _models(cfg)
+    device = torch.device(cfg.device)
+    models = {name: model.to(device) for name, model in _models(cfg).items()}
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     setup: dict[str, float] = {}
@@ -105,8 +115,15 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
         task = bar.add_task("chunks", total=len(models) * (len(cfg.backends) + rounds * n_configs), config="")
         for name, model in models.items():
             batch = example_batch(model, seed=cfg.seed, text_tokens=cfg.text_tokens)
+            batch = {k: v.to(device) for k, v in batch.items()}
             engines = {}
             for backend in cfg.backends:
+                wrong_device = backend in (CPU_ONLY if device.type != "cpu" else GPU_ONLY)
+                if wrong_device:
+                    where = f"CPU only, not {device}" if device.type != "cpu" else "needs a CUDA device"
+                    skipped.append({"preset": name, "backend": backend, "reason": where})
+                    bar.advance(task)
+                    continue
                 bar.update(task, config=f"{name} {backend} (building)")
                 t0 = time.perf_counter()
                 try:
@@ -114,6 +131,7 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
                         else {}
                     engines[backend] = make_engine(model, backend, **options)
                     engines[backend].chunk(batch, steps=1, subtask=cfg.subtask)  # compiles / loads lazily
+                    _sync(device)
                     setup[f"{name}/{backend}"] = time.perf_counter() - t0
                 except Exception as e:  # a backend this machine lacks (a compiler, onnxruntime) is reported, not fatal
                     skipped.append({"preset": name, "backend": backend, "reason": f"{type(e).__name__}: {e}"[:300]})
@@ -148,7 +166,9 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
         "skipped": skipped,
         "setup_s": setup,
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
+                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "device": str(device),
+                    **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "date": date.today().isoformat(),
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -162,8 +182,9 @@ class _Timer:
     def __init__(self, cfg: LatencyBenchConfig, engine: Engine, batch: dict[str, torch.Tensor], steps: int,
                  cache: bool) -> None:
         self.cfg, self.engine, self.steps, self.cache = cfg, engine, steps, cache
+        self.device = batch["images"].device
         noise = torch.randn(1, engine.config.horizon, engine.config.action_dim,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0)).to(self.device)
         self.ids: torch.Tensor | None = None  # the last chunk's subtask: the next one's draft
         if cache:
             def chunk() -> None:
@@ -178,6 +199,7 @@ class _Timer:
         self.cpu: list[float] = []  # CPU time of the whole process: steadier where the machine is shared
         for _ in range(cfg.warmup):
             self.fn()
+        _sync(self.device)
 
     def label(self, name: str) -> str:
         return f"{name} {self.engine.backend} K={self.steps} cache={'on' if self.cache else 'off'}"
@@ -189,6 +211,7 @@ class _Timer:
                 return
             t0, c0 = time.perf_counter(), time.process_time()
             self.fn()
+            _sync(self.device)  # a GPU chunk is done when its kernels are, not when they are queued
             self.wall.append((time.perf_counter() - t0) * 1e3)
             self.cpu.append((time.process_time() - c0) * 1e3)
 
@@ -202,7 +225,7 @@ def _row(cfg: LatencyBenchConfig, name: str, model: PhysisModel, batch: dict[str
     flops, tokens = memo[key]
     dtype = "bfloat16" if timer.engine.backend == "bf16" else "float32"
     if ("floor", flops, dtype) not in memo:
-        memo["floor", flops, dtype] = matmul_floor_ms(flops, getattr(torch, dtype))
+        memo["floor", flops, dtype] = matmul_floor_ms(flops, getattr(torch, dtype), device=timer.device)
     floor = memo["floor", flops, dtype]
     p50 = float(np.percentile(ms, 50))
     return {
@@ -248,7 +271,7 @@ def uncached_chunk(engine: Engine, batch: dict[str, torch.Tensor], steps: int, n
         cache = engine.encode_prefix(batch)
         if ids is not None:
             cache = net.extend_subtask(cache, ids)
-        x = x - dt * net.predict_velocity(cache, x, torch.full((x.shape[0],), 1.0 - i * dt))
+        x = x - dt * net.predict_velocity(cache, x, torch.full((x.shape[0],), 1.0 - i * dt, device=x.device))
     return x
 
 
@@ -264,7 +287,7 @@ def count_flops(model: PhysisModel, batch: dict[str, torch.Tensor], steps: int, 
     """(FLOPs of one chunk on the float32 model, subtask tokens generated). Matmuls, convolutions and attention
     count; elementwise work does not."""
     engine = Engine(model)
-    noise = torch.zeros(1, model.config.horizon, model.config.action_dim)
+    noise = torch.zeros(1, model.config.horizon, model.config.action_dim, device=batch["images"].device)
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         if cache:
@@ -277,17 +300,26 @@ def count_flops(model: PhysisModel, batch: dict[str, torch.Tensor], steps: int, 
     return int(counter.get_total_flops()), tokens
 
 
-def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 20) -> float:
-    """Milliseconds of one square matmul with `flops` FLOPs in `dtype` on this machine: the best of `repeats`
+def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 20, device: torch.device | str = "cpu") -> float:
+    """Milliseconds of one square matmul with `flops` FLOPs in `dtype` on `device`: the best of `repeats`
     runs, since a floor is what the machine can do, not what it did while busy."""
+    device = torch.device(device)
     n = max(16, round((flops / 2) ** (1 / 3)))
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
     with torch.inference_mode():
         for _ in range(3):
             a @ b
+        _sync(device)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
             a @ b
+            _sync(device)
             best = min(best, time.perf_counter() - t0)
     return best * 1e3 * flops / (2 * n**3)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
