@@ -117,3 +117,21 @@ def test_policy_encodes_only_the_instructions_own_tokens(run):
     policy.infer(obs)
     _, mask = policy.text.encode(obs["instruction"])
     assert seen == [int(mask.sum())] and seen[0] < policy.model.config.max_text_tokens
+
+
+def test_the_cuda_graph_backend_gives_the_eager_chunks(run, monkeypatch):
+    """On a CPU the cuda-graph engine runs its parts eagerly through static buffers: the same actions."""
+    import torch
+
+    root, _, _ = run
+    _, env, obs = _policy_and_reach_env(run)
+    eager = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3)
+    graphs = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3, backend="cuda-graph", device="cpu")
+    for _ in range(2):  # the second chunk reads the first one's subtask as its draft
+        a, b = eager.infer(obs), graphs.infer(obs)
+        assert a["subtask"] == b["subtask"] and np.allclose(a["actions"], b["actions"], atol=1e-5)
+        obs, *_ = env.step(a["actions"][0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda', but torch sees no CUDA device"):
+        Policy.from_checkpoint(root / "run", device="cuda")
+    env.close()

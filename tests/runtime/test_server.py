@@ -232,3 +232,15 @@ def test_bench_serve_command_runs_a_server_process(tiny_checkpoint, tmp_path, ca
     assert r["round_trip_ms"]["p50"] > 0 and r["overhead_ms"]["p99"] >= r["overhead_ms"]["p50"]
     assert 1 <= r["batch_size"]["mean"] <= 2
     assert "round trip" in capsys.readouterr().out
+
+
+def test_serve_refuses_an_unknown_backend_or_a_missing_gpu(tiny_checkpoint, monkeypatch):
+    import torch
+
+    from physis.runtime.server import ServeConfig, ServeError, server_from_config
+
+    with pytest.raises(ServeError, match="--backend 'tensorrt' is not one of eager"):
+        server_from_config(ServeConfig(checkpoint=tiny_checkpoint, backend="tensorrt"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ServeError, match="--device cuda: torch sees no CUDA device"):
+        server_from_config(ServeConfig(checkpoint=tiny_checkpoint, device="cuda", backend="cuda-graph"))

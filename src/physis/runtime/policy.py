@@ -66,15 +66,21 @@ class PolicySession:
 class Policy:
     def __init__(self, model: Any, meta: dict[str, Any], stats: dict[str, Any], embodiment: str | None = None,
                  flow_steps: int | None = None, text_encoder: Any = None, seed: int = 0, backend: str = "eager",
-                 execution: ExecutionConfig | None = None, backend_options: dict[str, Any] | None = None):
+                 execution: ExecutionConfig | None = None, backend_options: dict[str, Any] | None = None,
+                 device: str = "cpu"):
         """`meta` is a checkpoint's config.json (robots, unified space, cameras, data layout); `stats` its
         stats.json (normalization per robot). `backend` runs the model, with `backend_options` (for onnx:
         onnx_dir, where exported graphs are kept and reused; see physis.runtime.backends);
-        `execution` is how `select_action` turns chunks into actions (see physis.runtime.execution)."""
+        `execution` is how `select_action` turns chunks into actions (see physis.runtime.execution); `device` is
+        where the model runs (cpu, cuda, ...: on a GPU, backend="cuda-graph" is the fast one); observations and
+        actions stay numpy on the host."""
         from physis.model.text import TextEncoder
         from physis.model.vocab import SubtaskVocab
 
-        self.model = model.eval()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Policy: device {device!r}, but torch sees no CUDA device")
+        self.model = model.eval().to(self.device)
         self.meta = meta
         specs = [EmbodimentSpec.from_dict(d, source="checkpoint") for d in meta["embodiments"]]
         self.spec = pick_embodiment(specs, embodiment)
@@ -252,6 +258,10 @@ class Policy:
                       prefix_weights: torch.Tensor | None = None) -> tuple[list[str] | None, torch.Tensor]:
         """(subtasks or None, unified action chunks [B, H, A]); prefix_* are inpainted (unified, normalized)."""
         cfg = self.model.config
+        dev = self.device
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        if prefix_actions is not None and prefix_weights is not None:
+            prefix_actions, prefix_weights = prefix_actions.to(dev), prefix_weights.to(dev)
         cache = self.engine.encode_prefix(batch)
         subtasks = None
         if cfg.subtask and len(self.vocab.words):
@@ -264,8 +274,10 @@ class Policy:
         noise = None
         if cfg.action_head == "flow":
             noise = torch.cat([torch.randn((1, cfg.horizon, cfg.action_dim), generator=s.generator) for s in sessions])
-        return subtasks, self.engine.sample_actions(steps=self.flow_steps, noise=noise, cache=cache,
-                                                    prefix_actions=prefix_actions, prefix_weights=prefix_weights)
+            noise = noise.to(dev)  # drawn on the host: the same seed gives the same chunk on any device
+        actions = self.engine.sample_actions(steps=self.flow_steps, noise=noise, cache=cache,
+                                             prefix_actions=prefix_actions, prefix_weights=prefix_weights)
+        return subtasks, actions.cpu()
 
     def _native(self, unified: torch.Tensor, session: PolicySession) -> dict[str, Any]:
         """A unified chunk [H, A] -> {"actions": [H, D] native, clamped} (or the held last safe action)."""

@@ -78,6 +78,10 @@ class ServeConfig:
     """Largest request frame accepted, in MiB; a larger one closes its connection (code 1009)."""
     seed: int = 0
     """Connection i samples with seed + i."""
+    device: str = "cpu"
+    """Where the model runs: cpu, cuda, cuda:1, ..."""
+    backend: str = "eager"
+    """How it runs (physis.runtime.backends): eager, bf16, int8, compile, onnx, onnx-int8; on a GPU cuda-graph."""
 
 
 @dataclass
@@ -317,10 +321,16 @@ def server_from_config(cfg: ServeConfig) -> PolicyServer:
     threads each own an OpenMP pool and their threads outnumber the cores, libgomp stops spinning between
     operations, and a `small` chunk took twice as long (about 42 ms instead of 20 on 2 cores).
     """
+    from physis.runtime.backends import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise ServeError(f"--backend {cfg.backend!r} is not one of {', '.join(BACKENDS)}")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise ServeError(f"--device {cfg.device}: torch sees no CUDA device on this machine")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     policy = Policy.from_checkpoint(cfg.checkpoint, embodiment=cfg.embodiment, flow_steps=cfg.flow_steps,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, device=cfg.device, backend=cfg.backend)
     return PolicyServer(policy, host=cfg.host, port=cfg.port, api_key=cfg.api_key or os.environ.get(API_KEY_ENV),
                         max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms,
                         max_size=int(cfg.max_size_mb * 2**20), seed=cfg.seed, checkpoint=str(cfg.checkpoint),
