@@ -17,3 +17,29 @@ def test_the_first_frame_shows_this_episodes_goal(task):
             np.testing.assert_allclose(goal, mw._target_pos, atol=1e-6)  # where the renderer draws the marker
     finally:
         env.close()
+
+
+def test_start_noise_moves_the_hand_per_seed_and_the_expert_still_succeeds():
+    home = make_env("metaworld/mt10", "reach-v3", EnvConfig(render=False))
+    moved = make_env("metaworld/mt10", "reach-v3", EnvConfig(render=False, start_noise=0.1))
+    starts = []
+    for seed in (0, 1, 0):
+        h, _ = home.reset(seed=seed)
+        m, _ = moved.reset(seed=seed)
+        starts.append(m["state"]["eef_pos"].copy())
+        assert np.abs(h["state"]["eef_pos"] - [0.0, 0.6, 0.2]).max() < 0.01  # the usual start, every seed
+        assert 0.01 < np.abs(m["state"]["eef_pos"] - h["state"]["eef_pos"]).max() < 0.11
+        assert np.allclose(moved.privileged_obs[-3:], home.privileged_obs[-3:])  # the same goal as without noise
+    assert np.allclose(starts[0], starts[2]) and not np.allclose(starts[0], starts[1])  # drawn from the seed
+    expert = moved.expert()
+    expert.reset()
+    obs, _ = moved.reset(seed=3)
+    for _ in range(200):
+        obs, _, done, _, info = moved.step(expert.act(obs)[0])
+        if done:
+            break
+    assert info["success"]
+    with pytest.raises(ValueError, match="start_noise must be >= 0 metres"):
+        make_env("metaworld/mt10", "reach-v3", EnvConfig(render=False, start_noise=-1.0))
+    for env in (home, moved):
+        env.close()

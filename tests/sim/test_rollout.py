@@ -34,3 +34,10 @@ def test_dart_noise_perturbs_what_runs_and_records_the_expert():
 def test_negative_action_noise_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--action-noise must be >= 0"):
         collect(CollectConfig(suite="pointmaze/bimodal", out=tmp_path / "d", action_noise=-0.1, progress=False))
+
+
+def test_start_noise_is_checked_and_meta_world_only(tmp_path):
+    with pytest.raises(ValueError, match="--start-noise must be >= 0 metres"):
+        collect(CollectConfig(suite="metaworld/mt10", out=tmp_path / "d", start_noise=-0.1, progress=False))
+    with pytest.raises(ValueError, match="--start-noise is implemented for the Meta-World suites, not pointmaze"):
+        collect(CollectConfig(suite="pointmaze/bimodal", out=tmp_path / "d", start_noise=0.1, progress=False))

@@ -43,6 +43,7 @@ class EnvConfig:
     max_steps: int | None = None  # None: the suite's own episode limit
     paraphrase: bool = False  # draw a paraphrase of the instruction at each reset
     terminate_on_success: bool = True
+    start_noise: float = 0.0  # Meta-World: the hand starts up to this many metres (per axis) off its home, per seed
 
     @property
     def hw(self) -> tuple[int, int]:

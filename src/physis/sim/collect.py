@@ -52,6 +52,7 @@ class CollectConfig:
     # DART: run the expert's action plus Gaussian noise of this std (a fraction of each action's half-range) and
     # record the expert's own action, so the data shows how to recover from small errors (0: off)
     action_noise: float = 0.0
+    start_noise: float = 0.0  # Meta-World: each episode's hand starts up to this many metres (per axis) off home
 
     def encoder(self) -> EncoderConfig:
         """AV1 (SVT, LeRobot's default) or H.264, both with a keyframe every 2 frames for cheap random access."""
@@ -146,8 +147,13 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     if not (cfg.action_noise >= 0 and math.isfinite(cfg.action_noise)):
         raise ValueError(f"--action-noise must be >= 0 (a fraction of each action's half-range), got "
                          f"{cfg.action_noise}")
+    if not (cfg.start_noise >= 0 and math.isfinite(cfg.start_noise)):
+        raise ValueError(f"--start-noise must be >= 0 metres, got {cfg.start_noise}")
+    if cfg.start_noise and not cfg.suite.startswith("metaworld/"):
+        raise ValueError(f"--start-noise is implemented for the Meta-World suites, not {cfg.suite}")
     spec = load_embodiment(suite.embodiment)
-    env_config = EnvConfig(image_size=cfg.image_size, cameras=tuple(cfg.cameras) or None, paraphrase=cfg.paraphrase)
+    env_config = EnvConfig(image_size=cfg.image_size, cameras=tuple(cfg.cameras) or None, paraphrase=cfg.paraphrase,
+                           start_noise=cfg.start_noise)
     cameras = env_config.cameras or tuple(c.name for c in spec.cameras)
     budget = math.ceil(cfg.episodes * cfg.max_attempts)
     seeds = train_seeds(budget, cfg.seed)  # raises if the range is exhausted

@@ -47,6 +47,9 @@ class MetaWorldEnv(SimEnv):
         self._env.seeded_rand_vec = True
         self._env._partially_observable = False  # the expert reads the goal from obs[-3:]
         self._env.max_path_length = max(self.max_steps, self._env.max_path_length)
+        self._hand_home = np.array(self._env.hand_init_pos, dtype=float)
+        if not (self.config.start_noise >= 0 and np.isfinite(self.config.start_noise)):
+            raise ValueError(f"start_noise must be >= 0 metres, got {self.config.start_noise}")
         self._obs39 = np.zeros(39)
         self._cameras: MujocoCameras | None = None
         if self.config.render:
@@ -63,6 +66,11 @@ class MetaWorldEnv(SimEnv):
         import mujoco
 
         self._env.seed(seed)
+        hand = self._hand_home
+        if self.config.start_noise > 0:  # a start off the shared path, drawn from the seed (reproducible)
+            s = self.config.start_noise
+            hand = hand + np.random.default_rng([seed, 0x5717]).uniform(-s, s, size=3)
+        self._env.hand_init_pos = hand
         self._obs39, _ = self._env.reset()
         # Meta-World moves the goal site in reset without recomputing world positions, so the first frame
         # would show the previous episode's goal marker; mj_forward changes no state, only derived quantities.
