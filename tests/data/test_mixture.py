@@ -65,3 +65,28 @@ def test_bad_sources(tmp_path, mixture):
         DatasetMixture([MixtureSource(mixture.sources[0].root, mixture.sources[0].embodiment, weight=0)])
     with pytest.raises(ValueError, match="expects \\[2\\]"):
         DatasetMixture([MixtureSource(mixture.sources[0].root, load_embodiment("pusht"))])
+
+
+def test_environment_state_is_padded_to_the_widest_source_with_a_mask(tmp_path):
+    spec = load_embodiment("pusht")
+    rng = np.random.default_rng(0)
+    feats = {**features_for(spec, (16, 16)),
+             "observation.environment_state": {"dtype": "float32", "shape": [3], "names": ["x", "y", "z"]}}
+    with DatasetWriter.create(tmp_path / "with", fps=int(spec.fps), features=feats, robot_type="pusht") as w:
+        ep = synthetic_episode(spec, 12, rng, (16, 16))
+        w.add_episode({**ep, "observation.environment_state": rng.normal(5.0, 2.0, (12, 3)).astype(np.float32)},
+                      task="t")
+    make(tmp_path / "without", "pusht", 1, 12, (16, 16))
+    norm = {"observation.environment_state": "mean_std", "action": "min_max"}
+    mix = DatasetMixture([MixtureSource(tmp_path / "with", spec, normalize=norm),
+                          MixtureSource(tmp_path / "without", spec, normalize=norm)],
+                         chunk=2, image_size=(16, 16), cache_dir=tmp_path / "cache")
+    assert mix.env_state_dim == 3
+    a, b = mix[0], mix[12]
+    assert a["env_state_mask"].tolist() == [True] * 3 and b["env_state_mask"].tolist() == [False] * 3
+    assert torch.all(b["observation.environment_state"] == 0)
+    values = torch.stack([mix[i]["observation.environment_state"] for i in range(12)])
+    assert values.mean(0).abs().max() < 1e-4  # normalized with the source's own statistics
+    only = DatasetMixture([MixtureSource(tmp_path / "without", spec, normalize=norm)], chunk=2, image_size=(16, 16),
+                          cache_dir=tmp_path / "cache")
+    assert only.env_state_dim == 0 and "observation.environment_state" not in only[0]

@@ -323,3 +323,23 @@ def test_inference_without_targets_or_action_mask() -> None:
     assert list(losses) == ["loss"] and losses["loss"].item() == 0.0
     assert model.sample_actions(obs, steps=2).shape == (B, H, A)
     assert isinstance(model.encode_prefix(obs), PrefixCache)
+
+
+def test_env_state_head_regresses_only_the_valid_slots() -> None:
+    model, batch = model_and_batch(env_state_dim=4)
+    batch["env_state"] = torch.randn(B, 4)
+    batch["env_state_mask"] = torch.tensor([[True, True, True, False]] * B)
+    losses = model(batch)
+    assert "env_state" in losses and losses["env_state"] > 0
+    changed = {**batch, "env_state": batch["env_state"].clone()}
+    changed["env_state"][:, 3] += 100.0  # a masked slot: no loss, whatever its value
+    with torch.no_grad():
+        assert float(model(changed)["env_state"]) == pytest.approx(float(model(batch)["env_state"]))
+    losses["env_state"].backward()
+    assert model.prefix.parameters().__next__().grad is not None  # the target reaches the image encoder
+    cache = model.encode_prefix(batch)
+    assert model.predict_env_state(cache).shape == (B, 4)
+    plain, _ = model_and_batch()
+    assert "env_state" not in plain(batch) and not hasattr(plain, "env_state_head")
+    with pytest.raises(RuntimeError, match="env_state_dim=0"):
+        plain.predict_env_state(plain.encode_prefix(batch))

@@ -66,3 +66,18 @@ def test_collect_in_h264_reads_back_like_av1(tmp_path):
     # two lossy codecs of one rendered frame: close, not equal
     diff = (h264["observation.images.corner"] - av1["observation.images.corner"]).abs().float().mean()
     assert diff < 0.05
+
+
+def test_collect_records_the_environment_state_as_a_target(tmp_path):
+    collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path / "d", image_size=16,
+                          workers=1, progress=False))
+    ds = LeRobotDataset(tmp_path / "d")
+    feature = ds.features["observation.environment_state"]
+    assert feature["names"] == ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
+    env = ds.columns["observation.environment_state"]
+    hand = ds.columns["observation.state"][:, :3]
+    assert env.shape == (len(ds), 6) and np.isfinite(env).all()
+    assert np.ptp(env[:, 3:], axis=0).max() < 1e-6  # reach: the goal stays put during the episode
+    # The expert succeeded, so its hand ends where the recorded goal is (reach succeeds within 5 cm).
+    assert np.linalg.norm(hand[-1] - env[-1, 3:]) < 0.06
+    assert np.linalg.norm(hand[0] - env[0, 3:]) > 0.06

@@ -191,3 +191,15 @@ def test_expert_takes_both_routes_from_the_same_start() -> None:
     env.close()
     assert set(taken) == {r.side for r in pair.routes}, taken
     assert min(taken.values()) >= 4, taken  # near uniform, not a rare exception
+
+
+def test_environment_state_is_the_goal_position() -> None:
+    env = PointMazeBimodalEnv(config=EnvConfig(render=False))
+    try:
+        env.reset(seed=train_seeds(1)[0])
+        state = env.environment_state()
+        assert state.dtype == np.float32 and state.shape == (2,)
+        np.testing.assert_allclose(state, env.goal_pos, atol=1e-6)
+        assert env.xy_cell(state) == env.pair.goal
+    finally:
+        env.close()

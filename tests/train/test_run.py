@@ -1,11 +1,14 @@
 """`physis train` as a command: what it validates up front, and what a chosen camera subset leaves behind."""
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 
 from physis.cli import main
 from physis.runtime import Policy, example_observation
+from physis.train.checkpoint import load_checkpoint
 from physis.train.run import train
 
 
@@ -24,3 +27,33 @@ def test_training_on_a_camera_subset_gives_a_policy_that_asks_for_those_cameras(
     assert list(obs["images"]) == ["gripper"]
     policy = Policy.from_checkpoint(sub.out)
     assert policy.infer(obs)["actions"].shape[0] == cmd.horizon
+
+
+def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ignores_it(tiny_run, tmp_path):
+    _, cmd, _ = tiny_run
+    aux = dataclasses.replace(cmd, out=tmp_path / "aux", steps=2, save_every=2, env_state_weight=2.0)
+    summary = train(aux)
+    assert "env_state" in summary["final_losses"]
+    config = load_checkpoint(aux.out, training_state=False).config
+    assert config["model"]["env_state_dim"] == 6 and config["model"]["env_state_weight"] == 2.0
+    obs = example_observation(aux.out)
+    assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
+    assert Policy.from_checkpoint(aux.out).infer(obs)["actions"].shape[0] == cmd.horizon
+
+
+def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
+    from physis.data.synthetic import features_for, synthetic_episode
+    from physis.data.writer import DatasetWriter
+    from physis.embodiment import load_embodiment
+    from physis.train.run import TrainCommand, TrainSetupError, build
+
+    spec = load_embodiment("pusht")
+    with DatasetWriter.create(tmp_path / "d", fps=int(spec.fps), features=features_for(spec, (32, 32)),
+                              robot_type="pusht") as w:
+        w.add_episode(synthetic_episode(spec, 20, np.random.default_rng(0), (32, 32)), task="push")
+    cmd = TrainCommand(data=(tmp_path / "d",), out=tmp_path / "run", preset="tiny", image_size=32,
+                       env_state_weight=1.0)
+    with pytest.raises(TrainSetupError, match="record observation.environment_state"):
+        build(cmd)
+    with pytest.raises(TrainSetupError, match="must be >= 0"):
+        build(dataclasses.replace(cmd, env_state_weight=-1.0))

@@ -9,7 +9,9 @@
 Every sample carries its embodiment, the state and the action chunk in the unified space with their
 masks, and the cameras stacked as (N_cam, T, C, H, W) with a camera mask. Windows are counted in each
 dataset's own frames (a 16-step chunk is 16 steps at 80 fps and at 10 fps alike). Each source is
-normalized with its own stats before it is mapped into the unified space.
+normalized with its own stats before it is mapped into the unified space. Where any source records
+observation.environment_state (privileged object and goal positions, a training target only), every sample
+carries it zero-padded to the widest source's width, with a mask (all False for sources without one).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from physis.data.stats import Normalizer
 from physis.data.windows import steps_to_seconds
 from physis.embodiment import EmbodimentSpec, UnifiedSpace
 
+ENV_STATE = "observation.environment_state"  # LeRobot's name for privileged simulator state
+
 
 @dataclass
 class MixtureSource:
@@ -38,7 +42,7 @@ class MixtureSource:
     state_key: str = "observation.state"
     action_key: str = "action"
     cameras: Sequence[str] | None = None  # camera keys in slot order; default: the dataset's, sorted
-    normalize: Mapping[str, str] = field(default_factory=dict)  # feature -> Normalizer mode
+    normalize: Mapping[str, str] = field(default_factory=dict)  # feature -> mode (features it lacks are skipped)
 
 
 class DatasetMixture(torch.utils.data.Dataset):
@@ -62,6 +66,9 @@ class DatasetMixture(torch.utils.data.Dataset):
         for s in sources:
             self.datasets.append(self._open(s, history, chunk, dataset_kwargs))
         self.num_cameras = num_cameras if num_cameras is not None else max(len(c) for c in self.cameras)
+        widths = [d.features.get(ENV_STATE, {}).get("shape", [0])[0] for d in self.datasets]
+        self._env_state_width = widths
+        self.env_state_dim = max(widths)
         self.weights = weights / weights.sum()
         self._offsets = np.cumsum([0] + [len(d) for d in self.datasets])
 
@@ -83,7 +90,8 @@ class DatasetMixture(torch.utils.data.Dataset):
         deltas.update({c: steps_to_seconds(frames, fps) for c in cams})
         self.cameras.append(cams)
         self._maps.append((self.space.state_map(s.embodiment), self.space.action_map(s.embodiment)))
-        self._normalizers.append(Normalizer(probe.stats, s.normalize) if s.normalize else None)
+        modes = {k: m for k, m in s.normalize.items() if k in probe.features}
+        self._normalizers.append(Normalizer(probe.stats, modes) if modes else None)
         return LeRobotDataset(s.root, delta_timestamps=deltas, **kwargs)
 
     def __len__(self) -> int:
@@ -124,6 +132,13 @@ class DatasetMixture(torch.utils.data.Dataset):
             out["future_is_pad"] = sample[f"{cams[0]}_is_pad"][-1] if cams else torch.tensor(True)
             images = images[:, :-1]
         out["observation.images"] = images
+        if self.env_state_dim:
+            width = self._env_state_width[src]
+            env = torch.zeros(self.env_state_dim)
+            if width:
+                env[:width] = sample[ENV_STATE].float()
+            out[ENV_STATE] = env
+            out["env_state_mask"] = torch.arange(self.env_state_dim) < width
         out["frame_index"] = sample["frame_index"]
         out["episode_length"] = torch.tensor(ds.episode_of(j).length)
         return out

@@ -52,6 +52,9 @@ class ModelConfig:
     subtask: bool = True
     progress: bool = True
     progress_loss: Literal["bce", "mse"] = "bce"
+    # auxiliary head: regress the privileged environment state (object and goal positions, recorded by collect)
+    # from the pooled prefix, so the image encoder must localize them; a training target only. 0: off
+    env_state_dim: int = 0
     subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
     max_subtask_tokens: int = 12
     future_offset: int | None = None  # None: horizon (the frame just after the chunk)
@@ -62,6 +65,7 @@ class ModelConfig:
     recon_weight: float = 0.5
     subtask_weight: float = 0.1
     progress_weight: float = 0.5
+    env_state_weight: float = 1.0
     # optional Hugging Face backbone for prefix tokens: "hf:/local/dir"
     backbone: str | None = None
 
@@ -83,6 +87,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: image_size {self.image_size} must be a multiple of 8 (decoder)")
         if self.latent_grid > self.image_size // self.patch_size:
             raise ValueError(f"ModelConfig: latent_grid {self.latent_grid} exceeds the patch grid {self.patch_grid}")
+        if self.env_state_dim < 0:
+            raise ValueError(f"ModelConfig.env_state_dim must be >= 0, found {self.env_state_dim}")
         if self.stem_blocks < 0 or self.keypoints < 0:
             raise ValueError(
                 f"ModelConfig: stem_blocks and keypoints must be >= 0, found {self.stem_blocks}, {self.keypoints}"

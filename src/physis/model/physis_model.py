@@ -97,6 +97,8 @@ class PhysisModel(nn.Module):
             self.subtask_out = nn.Linear(d, self.vocab_size)
         if cfg.progress:
             self.progress_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        if cfg.env_state_dim:
+            self.env_state_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.env_state_dim))
         if cfg.world_model:
             n_future = cfg.cameras * cfg.latent_grid**2
             self.future_in = nn.Linear(cfg.latent_dim, de)
@@ -222,7 +224,7 @@ class PhysisModel(nn.Module):
         return cache, hidden, feats
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Losses per head ("action", "subtask", "progress", "world_model", "recon") and their weighted "loss".
+        """Losses per head ("action", "subtask", "progress", "env_state", "world_model", "recon"), weighted "loss".
 
         A head's loss is present when the head is on and its targets are in the batch.
         """
@@ -239,6 +241,15 @@ class PhysisModel(nn.Module):
             else:
                 losses["progress"] = F.mse_loss(pred, target)
             weights["progress"] = cfg.progress_weight
+
+        if cfg.env_state_dim and "env_state" in batch:
+            pred = self.env_state_head(cache.pooled)
+            mask = batch["env_state_mask"].bool()
+            if pred.shape != mask.shape:
+                raise ValueError(f"PhysisModel: the batch's environment state has width {mask.shape[-1]}, the "
+                                 f"model's head predicts {pred.shape[-1]}")
+            losses["env_state"] = masked_mean((pred - batch["env_state"].to(pred.dtype)).square(), mask)
+            weights["env_state"] = cfg.env_state_weight
 
         if cfg.subtask and "subtask_tokens" in batch:
             losses["subtask"], cache = self._subtask_loss(batch, cache)
@@ -508,6 +519,15 @@ class PhysisModel(nn.Module):
             raise ValueError("PhysisModel.predict_progress: the cache was encoded with pooled=False")
         out = self.progress_head(cache.pooled).squeeze(-1)
         return torch.sigmoid(out) if self.config.progress_loss == "bce" else out.clamp(0.0, 1.0)
+
+    @torch.inference_mode()
+    def predict_env_state(self, cache: PrefixCache) -> torch.Tensor:
+        """The auxiliary head's estimate (B, env_state_dim) of the normalized environment state."""
+        if not self.config.env_state_dim:
+            raise RuntimeError("PhysisModel.predict_env_state: this model was built with env_state_dim=0")
+        if cache.pooled is None:
+            raise ValueError("PhysisModel.predict_env_state: the cache was encoded with pooled=False")
+        return self.env_state_head(cache.pooled)
 
     @torch.inference_mode()
     def sample_future(

@@ -115,6 +115,14 @@ class SimEnv(gym.Env, abc.ABC):
     def _sim_state(self) -> dict[str, np.ndarray]:
         """The embodiment's state groups (what the policy may see about the robot)."""
 
+    def environment_state(self) -> np.ndarray:
+        """Privileged object and goal positions (the suite's `environment_state` names, in order), float32.
+
+        A training target only (physis collect records it; an auxiliary head learns to read it from the
+        pixels); never a policy input.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not report an environment state")
+
     @abc.abstractmethod
     def _sim_render(self, camera: str) -> np.ndarray:
         """One uint8 HxWx3 image from `camera` at the configured size, upright."""

@@ -99,23 +99,28 @@ class CollectSummary:
         return 60.0 * self.attempts / max(self.seconds, 1e-9)
 
 
-def _features(spec: EmbodimentSpec, cameras: tuple[str, ...], hw: tuple[int, int]) -> dict[str, dict[str, Any]]:
+def _features(spec: EmbodimentSpec, cameras: tuple[str, ...], hw: tuple[int, int],
+              environment_state: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     feats: dict[str, dict[str, Any]] = {
         "observation.state": {"dtype": "float32", "shape": [spec.state_dim], "names": spec.state_names},
         "action": {"dtype": "float32", "shape": [spec.action_dim], "names": spec.action_names},
     }
+    if environment_state:
+        feats["observation.environment_state"] = {"dtype": "float32", "shape": [len(environment_state)],
+                                                  "names": list(environment_state)}
     for cam in cameras:
         feats[f"observation.images.{cam}"] = {"dtype": "video", "shape": [hw[0], hw[1], 3], "names": None}
     return feats
 
 
-def _run_in_order(executor: Executor, jobs: list[tuple[str, int]], suite: str,
-                  env_config: EnvConfig, action_noise: float = 0.0) -> Iterator[ExpertEpisode]:
+def _run_in_order(executor: Executor, jobs: list[tuple[str, int]], suite: str, env_config: EnvConfig,
+                  action_noise: float = 0.0, environment_state: bool = False) -> Iterator[ExpertEpisode]:
     """Submit every job, yield results in submission order (a bounded window keeps memory small)."""
     window = 4 * max(1, getattr(executor, "_max_workers", 1))
     pending: list[Future] = []
     for task, seed in jobs:
-        pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config, action_noise))
+        pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config, action_noise,
+                                       environment_state))
         if len(pending) >= window:
             yield pending.pop(0).result()
     while pending:
@@ -167,7 +172,8 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     start = time.perf_counter()
     executor: Executor = (_InlineExecutor() if workers == 1
                           else ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
-    writer = DatasetWriter.create(cfg.out, fps=int(round(spec.fps)), features=_features(spec, cameras, env_config.hw),
+    features = _features(spec, cameras, env_config.hw, suite.environment_state)
+    writer = DatasetWriter.create(cfg.out, fps=int(round(spec.fps)), features=features,
                                   robot_type=spec.name, subtasks=True, overwrite=cfg.overwrite,
                                   encoder=cfg.encoder())
     try:
@@ -183,7 +189,8 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                     next_seed[t] += take
                 if not jobs:
                     break
-                for ep in _run_in_order(executor, jobs, cfg.suite, env_config, cfg.action_noise):
+                for ep in _run_in_order(executor, jobs, cfg.suite, env_config, cfg.action_noise,
+                                        bool(suite.environment_state)):
                     tally = tallies[ep.task]
                     tally.attempts += 1
                     tally.successes += ep.success

@@ -84,6 +84,10 @@ class MetaWorldEnv(SimEnv):
     def _sim_state(self) -> dict[str, np.ndarray]:
         return {"eef_pos": self._obs39[:3], "gripper": self._obs39[3:4]}
 
+    def environment_state(self) -> np.ndarray:
+        # Meta-World's 39-D observation: [4:7] the (first) object's position, [36:39] the goal's.
+        return np.concatenate([self._obs39[4:7], self._obs39[36:39]]).astype(np.float32)
+
     def _sim_render(self, camera: str) -> np.ndarray:
         if self._cameras is None:
             raise RuntimeError("this environment was built with render=False")

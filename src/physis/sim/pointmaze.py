@@ -275,6 +275,9 @@ class PointMazeBimodalEnv(SimEnv):
     def _sim_state(self) -> dict[str, np.ndarray]:
         return {"pos": self.ball_pos, "vel": self.ball_vel}
 
+    def environment_state(self) -> np.ndarray:
+        return self.goal_pos.astype(np.float32)
+
     def _sim_render(self, camera: str) -> np.ndarray:
         if self._cameras is None:
             raise RuntimeError("this environment was built with render=False")

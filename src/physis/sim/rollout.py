@@ -46,7 +46,8 @@ class ExpertEpisode:
     subtasks: list[str] = field(default_factory=list)
 
 
-def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0) -> ExpertEpisode:
+def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
+                          environment_state: bool = False) -> ExpertEpisode:
     """Run the env's expert from `seed` to success or the step limit, recording observation and action per step.
 
     action_noise > 0 (DART, Laskey et al. 2017): the robot runs the expert's action plus Gaussian noise of that
@@ -54,6 +55,9 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0) -> 
     recorded action stays the expert's own. The demonstrations then visit states a little off the expert's path,
     labelled with how the expert gets back, which is what a cloned policy needs once its own errors add up.
     The noise is drawn from the episode seed, so a collection stays deterministic.
+
+    environment_state=True also records the simulator's privileged object and goal positions per step
+    (`SimEnv.environment_state`) as observation.environment_state, a training target for auxiliary heads.
     """
     expert = env.expert()
     obs, _ = env.reset(seed=seed)
@@ -64,6 +68,7 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0) -> 
     states: list[np.ndarray] = []
     actions: list[np.ndarray] = []
     labels: list[str] = []
+    env_states: list[np.ndarray] = []
     images: dict[str, list[np.ndarray]] = {cam: [] for cam in obs["images"]}
     done = False
     while not done:
@@ -72,6 +77,8 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0) -> 
         states.append(state_vector(obs, env.embodiment))
         actions.append(action.astype(np.float32))
         labels.append(label)
+        if environment_state:
+            env_states.append(env.environment_state())
         for cam, img in obs["images"].items():
             images[cam].append(img)
         if action_noise > 0:
@@ -79,13 +86,15 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0) -> 
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated
     frames: dict[str, Any] = {"observation.state": np.stack(states), "action": np.stack(actions)}
+    if environment_state:
+        frames["observation.environment_state"] = np.stack(env_states).astype(np.float32)
     for cam, imgs in images.items():
         frames[f"observation.images.{cam}"] = np.stack(imgs)
     return ExpertEpisode(task=env.task, seed=seed, instruction=env.instruction, success=env.success,
                          length=len(actions), frames=frames, subtasks=labels)
 
 
-def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig,
-                       action_noise: float = 0.0) -> ExpertEpisode:
+def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig, action_noise: float = 0.0,
+                       environment_state: bool = False) -> ExpertEpisode:
     """Picklable entry point for worker processes."""
-    return record_expert_episode(cached_env(suite, task, config), seed, action_noise)
+    return record_expert_episode(cached_env(suite, task, config), seed, action_noise, environment_state)

@@ -25,6 +25,10 @@ class Suite:
     tasks: tuple[str, ...]
     factory: str  # "module:function" taking (task, EnvConfig) -> SimEnv
     description: str = ""
+    # Names of the privileged simulator state its environments report through `environment_state()` (object
+    # and goal positions), recorded by `physis collect` as observation.environment_state: a training target
+    # only, never a policy input. Empty: the suite does not report one.
+    environment_state: tuple[str, ...] = ()
 
     def make(self, task: str, config: EnvConfig | None = None) -> SimEnv:
         if task not in self.tasks:
@@ -36,11 +40,14 @@ class Suite:
 
 
 _MW = "physis.sim.metaworld:make"
+_MW_ENV_STATE = ("object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z")
 _FETCH = "physis.sim.fetch:make"
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
-    Suite("metaworld/mt10", "metaworld_sawyer", MT10, _MW, "Meta-World MT10: ten Sawyer manipulation tasks"),
-    Suite("metaworld/mt50", "metaworld_sawyer", MT50, _MW, "Meta-World MT50: all fifty Sawyer manipulation tasks"),
+    Suite("metaworld/mt10", "metaworld_sawyer", MT10, _MW, "Meta-World MT10: ten Sawyer manipulation tasks",
+          _MW_ENV_STATE),
+    Suite("metaworld/mt50", "metaworld_sawyer", MT50, _MW, "Meta-World MT50: all fifty Sawyer manipulation tasks",
+          _MW_ENV_STATE),
     Suite("fetch", "fetch", ("reach", "push", "pick_and_place"), _FETCH,
           "Fetch reach, push and pick-and-place (gymnasium-robotics)"),
     Suite("fetch/reach", "fetch", ("reach",), _FETCH, "Fetch: move the gripper to a target in the air"),
@@ -52,7 +59,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite("adroit/relocate", "adroit_hand", ("relocate",), "physis.sim.adroit:make",
           "Adroit hand on an arm: pick up a ball and carry it to a target in the air"),
     Suite("pointmaze/bimodal", "pointmaze", ("bimodal",), "physis.sim.pointmaze:make",
-          "PointMaze Medium, start/goal pairs with two equally short routes"),
+          "PointMaze Medium, start/goal pairs with two equally short routes", ("goal_x", "goal_y")),
     Suite("pusht", "pusht", ("pusht",), "physis.sim.pusht:make",
           "Push a T-shaped block onto its target pose (gym-pusht)"),
 )}

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from physis.data.layout import DatasetFormatError, read_json
-from physis.data.mixture import DatasetMixture, MixtureSource
+from physis.data.mixture import ENV_STATE, DatasetMixture, MixtureSource
 from physis.data.stats import Normalizer, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
 from physis.train.augment import random_shift
@@ -94,7 +94,7 @@ class TrainingData:
         self.cfg = cfg or DataConfig()
         overrides = list(embodiments) if embodiments is not None else [None] * len(roots)
         specs = [embodiment_for(r, o) for r, o in zip(roots, overrides, strict=True)]
-        norm = {"observation.state": self.cfg.state_norm, "action": self.cfg.action_norm}
+        norm = {"observation.state": self.cfg.state_norm, "action": self.cfg.action_norm, ENV_STATE: "mean_std"}
         cams = [f"observation.images.{c}" for c in self.cfg.cameras] or None
         sources = [MixtureSource(r, s, weight=w, cameras=cams, normalize=norm)
                    for r, s, w in zip(roots, specs, weights or [1.0] * len(roots), strict=True)]
@@ -105,7 +105,7 @@ class TrainingData:
         names = list(dict.fromkeys(s.name for s in specs))  # one index per distinct robot
         self.embodiments = [next(s for s in specs if s.name == n) for n in names]
         self._embodiment_of_source = torch.tensor([names.index(s.name) for s in specs])
-        labels = [t for d in self.mixture.datasets for t in d.subtasks]
+        labels = [t for d in self.mixture.datasets for t in d.subtasks or ()]  # datasets without subtasks add none
         self.vocab = vocab if vocab is not None else SubtaskVocab.from_labels(labels)
         self.text = text_encoder if text_encoder is not None else TextEncoder()
         if stats is not None:
@@ -113,14 +113,25 @@ class TrainingData:
                 if s.embodiment.name not in stats:
                     raise DatasetFormatError(f"no normalization stats for robot {s.embodiment.name!r} ({s.root})")
                 own = stats[s.embodiment.name]
-                self.mixture.use_normalizer(i, Normalizer(stats_from_json(own["stats"]), own["modes"]))
-        self.stats = stats if stats is not None else {s.embodiment.name: {"modes": norm, "stats": stats_to_json(
-            {k: v for k, v in d.stats.items() if k in norm})} for s, d in zip(sources, self.mixture.datasets,
-                                                                                strict=True)}
+                arrays = stats_from_json(own["stats"])
+                # A checkpoint without environment-state stats still normalizes state and actions: that
+                # target is only read by a head such a checkpoint does not have.
+                modes = {k: m for k, m in own["modes"].items()
+                         if k in arrays and k in self.mixture.datasets[i].features}
+                self.mixture.use_normalizer(i, Normalizer(arrays, modes))
+        self.stats = stats if stats is not None else {s.embodiment.name: {
+            "modes": {k: m for k, m in norm.items() if k in d.features},
+            "stats": stats_to_json({k: v for k, v in d.stats.items() if k in norm})}
+            for s, d in zip(sources, self.mixture.datasets, strict=True)}
 
     @property
     def num_cameras(self) -> int:
         return self.mixture.num_cameras
+
+    @property
+    def env_state_dim(self) -> int:
+        """Width of observation.environment_state (the widest source's), 0 where no dataset records it."""
+        return self.mixture.env_state_dim
 
     def meta(self) -> dict[str, Any]:
         """What a checkpoint must carry to rebuild inputs and outputs: robots, space, cameras, stats, vocab."""
@@ -158,7 +169,12 @@ class TrainingData:
         subtasks = list(raw["subtask"])
         tokens = torch.tensor([self.vocab.encode(s, self.cfg.max_subtask_tokens) for s in subtasks], dtype=torch.long)
         length = raw["episode_length"].float()
-        return {
+        extra: dict[str, torch.Tensor] = {}
+        if ENV_STATE in raw:
+            # Clamped: a coordinate that barely moves in the data (a resting object's height) has a tiny std,
+            # and one outlier would otherwise dominate the loss.
+            extra = {"env_state": raw[ENV_STATE].clamp(-5.0, 5.0), "env_state_mask": raw["env_state_mask"]}
+        return {**extra,
             "images": raw["observation.images"],
             "image_mask": raw["image_mask"],
             "state": state * raw["state_mask"],

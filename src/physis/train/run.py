@@ -49,6 +49,10 @@ class TrainCommand:
     expert_depth: int = 0  # 0: one action-expert layer per trunk layer; fewer make each flow step cheaper
     stem_blocks: int | None = None  # residual conv blocks in the image stem; None: the preset's
     keypoints: int | None = None  # spatial-softmax keypoints per image (0: none); None: the preset's
+    # auxiliary target: weight of a head that regresses the datasets' observation.environment_state (object and
+    # goal positions, recorded by `physis collect`) from the prefix, so the image encoder learns to localize
+    # them; a training target only, never a policy input. 0: off
+    env_state_weight: float = 0.0
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -66,6 +70,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     """The model, the data source and the checkpoint metadata for a command."""
     if cmd.image_shift < 0:
         raise TrainSetupError(f"--image-shift must be 0 (off) or a positive number of pixels, got {cmd.image_shift}")
+    if not (cmd.env_state_weight >= 0):
+        raise TrainSetupError(f"--env-state-weight must be >= 0 (0: off), got {cmd.env_state_weight}")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -79,6 +85,13 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
                                                    image_size=cmd.image_size, cameras=tuple(cmd.cameras)),
                         embodiments=list(cmd.embodiments) or None, weights=list(cmd.weights) or None,
                         space=space, vocab=vocab)
+    env_state: dict[str, Any] = {}
+    if cmd.env_state_weight > 0:
+        if not data.env_state_dim:
+            raise TrainSetupError("--env-state-weight needs datasets that record observation.environment_state "
+                                  "(`physis collect` writes it for the Meta-World and pointmaze suites); "
+                                  f"none of {[str(p) for p in cmd.data]} does")
+        env_state = {"env_state_dim": data.env_state_dim, "env_state_weight": cmd.env_state_weight}
     model_cfg = ModelConfig.preset(
         cmd.preset, action_dim=data.space.dim, state_dim=data.space.dim, horizon=cmd.horizon,
         cameras=data.num_cameras, history=cmd.history, image_size=cmd.image_size,
@@ -87,7 +100,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         **({"patch_size": cmd.patch_size} if cmd.patch_size else {}),
         **({"expert_depth": cmd.expert_depth} if cmd.expert_depth else {}),
         **({"stem_blocks": cmd.stem_blocks} if cmd.stem_blocks is not None else {}),
-        **({"keypoints": cmd.keypoints} if cmd.keypoints is not None else {}), **cmd.overrides)
+        **({"keypoints": cmd.keypoints} if cmd.keypoints is not None else {}), **env_state, **cmd.overrides)
     model = PhysisModel(model_cfg)
     meta = {
         "model": model_cfg.to_dict(),
