@@ -40,6 +40,15 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
     assert Policy.from_checkpoint(aux.out).infer(obs)["actions"].shape[0] == cmd.horizon
 
+    from physis.eval.heads import HeadsConfig, evaluate_heads
+
+    r = evaluate_heads(HeadsConfig(checkpoint=aux.out, data=cmd.data[0], out=tmp_path / "heads", samples=8,
+                                   batch_size=4, strip=1, progress=False))
+    names = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
+    assert list(r["env_state_mae"]) == names and list(r["env_state_mean_baseline_mae"]) == names
+    assert all(np.isfinite(v) and v >= 0 for v in r["env_state_mae"].values())
+    assert max(r["env_state_mean_baseline_mae"].values()) < 1.0  # metres: rescaled from normalized units
+
 
 def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
     from physis.data.synthetic import features_for, synthetic_episode

@@ -5,7 +5,9 @@
   that predicts no change (the current frame's latent), plus a PNG strip: now | real future |
   predicted future;
 - subtask: exact-match accuracy of the generated subtask against the expert's label;
-- progress: Pearson correlation and mean absolute error against true progress (frame / length).
+- progress: Pearson correlation and mean absolute error against true progress (frame / length);
+- environment state (the auxiliary head, where the checkpoint has one and the data records it): mean absolute
+  error per coordinate in the data's units (metres), beside the baseline that always answers the mean.
 
 Use demonstrations the checkpoint did not train on, e.g. `physis collect ... --seed 500000`.
 """
@@ -54,7 +56,8 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
     vocab = data.vocab
     steps = max(1, cfg.samples // cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
-    acc: dict[str, list[float]] = {k: [] for k in ("action_mse", "wm_mse", "copy_mse", "prog_pred", "prog_true")}
+    acc: dict[str, list[Any]] = {k: [] for k in ("action_mse", "wm_mse", "copy_mse", "prog_pred", "prog_true",
+                                                  "env_err", "env_base")}
     hits = total = 0
     strip: list[np.ndarray] = []
     bar = progress_bar("eval-heads", "subtask", cfg.progress)
@@ -75,6 +78,10 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
             if model_cfg.progress:
                 acc["prog_pred"] += model.predict_progress(cache).tolist()
                 acc["prog_true"] += batch["progress"].tolist()
+            if model_cfg.env_state_dim and "env_state" in batch:
+                valid = batch["env_state_mask"].float()  # normalized units: the error is rescaled below
+                acc["env_err"].append(((model.predict_env_state(cache) - batch["env_state"]).abs() * valid).numpy())
+                acc["env_base"].append((batch["env_state"].abs() * valid).numpy())
             if model_cfg.world_model:
                 _world_model(model, batch, cache, gen, acc, strip, cfg.strip)
             bar.update(task, advance=1, subtask=f"{hits}/{total}")
@@ -88,6 +95,8 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
         p, t = np.asarray(acc["prog_pred"]), np.asarray(acc["prog_true"])
         results["progress_pearson"] = float(np.corrcoef(p, t)[0, 1]) if p.std() > 0 else 0.0
         results["progress_mae"] = float(np.abs(p - t).mean())
+    if acc["env_err"]:
+        results.update(_env_state_errors(np.concatenate(acc["env_err"]), np.concatenate(acc["env_base"]), data))
     if acc["wm_mse"]:
         results["world_model_latent_mse"] = float(np.mean(acc["wm_mse"]))
         results["copy_baseline_latent_mse"] = float(np.mean(acc["copy_mse"]))
@@ -96,6 +105,21 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(cfg.out / "heads.json", results)
     return results
+
+
+def _env_state_errors(err: np.ndarray, base: np.ndarray, data: Any) -> dict[str, Any]:
+    """Per-coordinate mean absolute errors (N, E) in normalized units -> the data's units, by feature name."""
+    from physis.data.mixture import ENV_STATE
+    from physis.data.stats import stats_from_json
+
+    ds = data.mixture.datasets[0]
+    names = ds.features[ENV_STATE].get("names") or [f"{i}" for i in range(err.shape[1])]
+    own = next(iter(data.stats.values()))["stats"]
+    std = np.maximum(np.asarray(stats_from_json(own)[ENV_STATE]["std"], dtype=np.float64), 1e-8)
+    n = len(names)
+    return {"env_state_mae": {k: float(v) for k, v in zip(names, err[:, :n].mean(0) * std[:n], strict=True)},
+            "env_state_mean_baseline_mae": {k: float(v) for k, v in
+                                            zip(names, base[:, :n].mean(0) * std[:n], strict=True)}}
 
 
 def _world_model(model: Any, batch: dict[str, torch.Tensor], cache: Any, gen: torch.Generator,
