@@ -339,7 +339,11 @@ def test_env_state_head_regresses_only_the_valid_slots() -> None:
     assert model.prefix.parameters().__next__().grad is not None  # the target reaches the image encoder
     cache = model.encode_prefix(batch)
     assert model.predict_env_state(cache).shape == (B, 4)
+    _, extended = model.generate_subtask(cache)  # the estimate stays with the cache as it grows
+    assert torch.equal(model.predict_env_state(extended), model.predict_env_state(cache))
     plain, _ = model_and_batch()
+    # The head reads a query token at the end of the prefix, which the action expert can attend to as well.
+    assert cache.prefix_len == plain.encode_prefix(batch).prefix_len + 1
     assert "env_state" not in plain(batch) and not hasattr(plain, "env_state_head")
     with pytest.raises(RuntimeError, match="env_state_dim=0"):
         plain.predict_env_state(plain.encode_prefix(batch))

@@ -1,11 +1,12 @@
 """Datasets -> model batches: keys, shapes, masks, progress, and batches as a pure function of (seed, step)."""
 
+import numpy as np
 import pytest
 import torch
 
 from physis.data.layout import DatasetFormatError
 from physis.sim.collect import CollectConfig, collect
-from physis.train.data import DataConfig, TrainingData, embodiment_for
+from physis.train.data import DataConfig, StepBatchSampler, TrainingData, embodiment_for
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,7 @@ def test_batch_has_the_model_keys_and_shapes(data):
     assert batch["future_images"].shape == (4, 2, 3, 32, 32)
     assert ((batch["progress"] >= 0) & (batch["progress"] <= 1)).all()
     assert batch["embodiment"].tolist() == [0, 0, 0, 0]
+    assert batch["env_state"].shape == (4, 6) and batch["env_state_mask"].all()  # a training target only
 
 
 def test_batches_are_a_function_of_seed_and_step(data):
@@ -51,7 +53,8 @@ def test_meta_describes_the_inputs(data, demos):
     meta = data.meta()
     assert meta["cameras"] == {"metaworld_sawyer": ["corner", "gripper"]}
     assert meta["embodiments"][0]["name"] == "metaworld_sawyer"
-    assert set(meta["stats"]["metaworld_sawyer"]["stats"]) == {"observation.state", "action"}
+    assert set(meta["stats"]["metaworld_sawyer"]["stats"]) == {"observation.state", "action",
+                                                               "observation.environment_state"}
     assert embodiment_for(demos).name == "metaworld_sawyer"
 
 
@@ -80,3 +83,20 @@ def test_a_chosen_camera_subset_in_slot_order(data, demos):
 def test_a_camera_the_dataset_lacks_is_named(demos):
     with pytest.raises(DatasetFormatError, match="front"):
         TrainingData([demos], DataConfig(horizon=8, image_size=32, cameras=("front",)))
+
+
+def test_the_first_frames_of_each_episode_can_be_drawn_more_often(data):
+    frame = np.asarray(data.mixture.datasets[0].columns["frame_index"])
+    share = (frame < 8).mean()
+
+    def drawn(weight):
+        sampler = StepBatchSampler(data.mixture, 64, seed=3, start_step=0, steps=40, first_frames=8,
+                                   first_frames_weight=weight)
+        return np.concatenate([np.array(b) for b in sampler])
+
+    uniform, boosted = drawn(1.0), drawn(5.0)
+    assert abs((frame[uniform] < 8).mean() - share) < 0.05
+    expected = 5 * share / (5 * share + 1 - share)
+    assert abs((frame[boosted] < 8).mean() - expected) < 0.05
+    assert np.array_equal(boosted, drawn(5.0))  # still a pure function of (seed, step)
+    assert boosted.min() >= 0 and boosted.max() < len(frame)

@@ -53,7 +53,8 @@ class ModelConfig:
     progress: bool = True
     progress_loss: Literal["bce", "mse"] = "bce"
     # auxiliary head: regress the privileged environment state (object and goal positions, recorded by collect)
-    # from the pooled prefix, so the image encoder must localize them; a training target only. 0: off
+    # from a learned query token at the end of the prefix, so the image encoder must localize them and the
+    # action expert can read them there; a training target only, never an input. 0: off
     env_state_dim: int = 0
     subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
     max_subtask_tokens: int = 12

@@ -211,15 +211,18 @@ class PhysisModel(nn.Module):
         """
         tokens, mask, feats = self.prefix(batch)
         keys, values, hidden = self._trunk_prefix(tokens, mask, hidden=pooled)
-        summary = None
+        summary = env_state = None
         if hidden is not None:
             summary = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            if self.config.env_state_dim:  # the query token, last in the prefix
+                env_state = self.env_state_head(hidden[:, -1])
         b = tokens.shape[0]
         action_mask = batch.get("action_mask")
         if action_mask is None:
             action_mask = torch.ones(b, self.config.action_dim, dtype=torch.bool, device=tokens.device)
         cache = PrefixCache(
-            keys, values, mask, summary, action_mask.bool(), prefix_len=mask.shape[1], cameras=batch["images"].shape[1]
+            keys, values, mask, summary, action_mask.bool(), prefix_len=mask.shape[1], cameras=batch["images"].shape[1],
+            env_state=env_state,
         )
         return cache, hidden, feats
 
@@ -243,7 +246,7 @@ class PhysisModel(nn.Module):
             weights["progress"] = cfg.progress_weight
 
         if cfg.env_state_dim and "env_state" in batch:
-            pred = self.env_state_head(cache.pooled)
+            pred = cache.env_state
             mask = batch["env_state_mask"].bool()
             if pred.shape != mask.shape:
                 raise ValueError(f"PhysisModel: the batch's environment state has width {mask.shape[-1]}, the "
@@ -291,7 +294,7 @@ class PhysisModel(nn.Module):
         sub_mask = (ids != PAD) & valid[:, None]  # action tokens read only real, labelled subtasks
         cache = PrefixCache(
             keys, values, torch.cat([cache.mask, sub_mask], 1), cache.pooled, cache.action_mask,
-            cache.prefix_len, cache.cameras, ids,
+            cache.prefix_len, cache.cameras, ids, cache.env_state,
         )  # fmt: skip
         return loss, cache
 
@@ -370,7 +373,7 @@ class PhysisModel(nn.Module):
             done |= nxt == EOS
         extended = PrefixCache(
             keys, values, torch.cat([base.mask, ids != PAD], 1), base.pooled, base.action_mask,
-            base.prefix_len, base.cameras, ids,
+            base.prefix_len, base.cameras, ids, base.env_state,
         )  # fmt: skip
         return ids, extended
 
@@ -431,7 +434,7 @@ class PhysisModel(nn.Module):
         _, keys, values = self._trunk_extend(x, base.keys, base.values, base.mask)
         return PrefixCache(
             keys, values, torch.cat([base.mask, ids != PAD], 1), base.pooled, base.action_mask,
-            base.prefix_len, base.cameras, ids,
+            base.prefix_len, base.cameras, ids, base.env_state,
         )  # fmt: skip
 
     @torch.inference_mode()
@@ -525,9 +528,9 @@ class PhysisModel(nn.Module):
         """The auxiliary head's estimate (B, env_state_dim) of the normalized environment state."""
         if not self.config.env_state_dim:
             raise RuntimeError("PhysisModel.predict_env_state: this model was built with env_state_dim=0")
-        if cache.pooled is None:
+        if cache.env_state is None:
             raise ValueError("PhysisModel.predict_env_state: the cache was encoded with pooled=False")
-        return self.env_state_head(cache.pooled)
+        return cache.env_state
 
     @torch.inference_mode()
     def sample_future(

@@ -117,7 +117,8 @@ class PrefixTokenizer(nn.Module):
     """images + text + state + embodiment -> prefix tokens (B, N, width) and their key mask (B, N).
 
     Token order: image patches (camera-major, then history frame, then patch), one keypoint token per camera
-    and history frame (when `keypoints` > 0), text, state, embodiment.
+    and history frame (when `keypoints` > 0), text, state, embodiment, and last, when `env_state_dim` > 0, a
+    learned query token whose output the environment-state head reads (the action expert attends to it too).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -134,6 +135,9 @@ class PrefixTokenizer(nn.Module):
         self.text_pos = nn.Parameter(torch.zeros(cfg.max_text_tokens, d))
         self.state_proj = nn.Linear(2 * cfg.state_dim, d)
         self.embodiment = nn.Embedding(cfg.num_embodiments, d)
+        if cfg.env_state_dim:
+            self.env_query = nn.Parameter(torch.zeros(1, 1, d))
+            nn.init.normal_(self.env_query, std=0.02)
         for p in (self.patch_pos, self.camera_emb, self.time_emb, self.text_pos):
             nn.init.normal_(p, std=0.02)
 
@@ -170,7 +174,10 @@ class PrefixTokenizer(nn.Module):
         state_tok = self.state_proj(state)[:, None]
         emb_tok = self.embodiment(batch["embodiment"].long())[:, None]
 
-        tokens = torch.cat([tok, text_tok, state_tok, emb_tok], dim=1)
-        ones = torch.ones(b, 2, dtype=torch.bool, device=tokens.device)
+        last = [state_tok, emb_tok]
+        if self.cfg.env_state_dim:
+            last.append(self.env_query.expand(b, 1, -1).to(emb_tok.dtype))
+        tokens = torch.cat([tok, text_tok, *last], dim=1)
+        ones = torch.ones(b, len(last), dtype=torch.bool, device=tokens.device)
         mask = torch.cat([img_mask, batch["text_mask"].bool(), ones], dim=1)
         return tokens, mask, feats

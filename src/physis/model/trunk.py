@@ -98,7 +98,9 @@ class PrefixCache:
     """Per-layer keys/values of the prefix [+ subtask] tokens, computed once per observation.
 
     keys/values: one (B, heads, N, head_dim) tensor per layer; mask (B, N) marks keys actions may attend;
-    pooled (B, width) is the prefix summary the progress head reads; action_mask (B, A) the body's slots.
+    pooled (B, width) is the prefix summary the progress head reads; action_mask (B, A) the body's slots;
+    env_state (B, E) the environment-state head's estimate (normalized), when the model has that head and the
+    last layer ran.
     """
 
     keys: list[torch.Tensor]
@@ -109,6 +111,7 @@ class PrefixCache:
     prefix_len: int
     cameras: int = 1
     subtask_ids: torch.Tensor | None = None
+    env_state: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -139,6 +142,7 @@ class PrefixCache:
             pooled=rep(self.pooled),
             action_mask=rep(self.action_mask),
             subtask_ids=rep(self.subtask_ids),
+            env_state=rep(self.env_state),
         )
 
 

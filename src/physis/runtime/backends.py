@@ -244,7 +244,7 @@ class OnnxEngine(_LoopEngine):
         ids_t = torch.from_numpy(ids)
         extended = PrefixCache(list(torch.from_numpy(kbuf).unbind(0)), list(torch.from_numpy(vbuf).unbind(0)),
                                torch.cat([base.mask, ids_t != PAD], 1), base.pooled, base.action_mask,
-                               base.prefix_len, base.cameras, ids_t)
+                               base.prefix_len, base.cameras, ids_t, base.env_state)
         return ids_t, extended
 
     def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:

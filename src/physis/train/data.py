@@ -59,12 +59,20 @@ def embodiment_for(root: str | Path, override: str | Path | None = None) -> Embo
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batch `s` is drawn from a generator seeded by (seed, s): sources by weight, frames uniformly."""
+    """Batch `s` is drawn from a generator seeded by (seed, s): sources by weight, frames uniformly.
 
-    def __init__(self, mixture: DatasetMixture, batch_size: int, seed: int, start_step: int, steps: int):
+    first_frames_weight w != 1 draws each episode's first `first_frames` frames w times as often as the rest.
+    """
+
+    def __init__(self, mixture: DatasetMixture, batch_size: int, seed: int, start_step: int, steps: int,
+                 first_frames: int = 8, first_frames_weight: float = 1.0):
         self.batch_size, self.seed, self.start, self.stop = batch_size, seed, start_step, steps
         self._offsets = np.cumsum([0] + [len(d) for d in mixture.datasets])
         self._weights = mixture.weights
+        self._cumulative: list[np.ndarray] | None = None
+        if first_frames_weight != 1.0:
+            self._cumulative = [np.cumsum(np.where(np.asarray(d.columns["frame_index"]) < first_frames,
+                                                   first_frames_weight, 1.0)) for d in mixture.datasets]
 
     def __len__(self) -> int:
         return max(0, self.stop - self.start)
@@ -74,7 +82,12 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         for step in range(self.start, self.stop):
             rng = np.random.default_rng([self.seed, step])
             src = rng.choice(len(lengths), size=self.batch_size, p=self._weights)
-            frames = (rng.random(self.batch_size) * lengths[src]).astype(np.int64)
+            u = rng.random(self.batch_size)
+            if self._cumulative is None:
+                frames = (u * lengths[src]).astype(np.int64)
+            else:  # inverse CDF of the per-frame weights
+                frames = np.array([np.searchsorted(self._cumulative[s], x * self._cumulative[s][-1], side="right")
+                                   for s, x in zip(src, u, strict=True)], dtype=np.int64)
             yield (self._offsets[src] + frames).tolist()
 
 
@@ -145,13 +158,16 @@ class TrainingData:
             "stats": self.stats,
         }
 
-    def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0,
-                num_workers: int = 0, image_shift: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0, num_workers: int = 0,
+                image_shift: int = 0, first_frames: int = 8,
+                first_frames_weight: float = 1.0) -> Iterator[dict[str, torch.Tensor]]:
         """Model batches for steps start_step .. steps-1, each a pure function of (seed, step).
 
         image_shift > 0 shifts every camera image by up to that many pixels (`augment.random_shift`).
+        first_frames_weight draws each episode's first `first_frames` frames that many times as often as later ones.
         """
-        sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps)
+        sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps, first_frames,
+                                   first_frames_weight)
         loader = torch.utils.data.DataLoader(self.mixture, batch_sampler=sampler, num_workers=num_workers,
                                              persistent_workers=num_workers > 0)
         for step, raw in enumerate(loader, start=start_step):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,11 @@ class TrainCommand:
     # goal positions, recorded by `physis collect`) from the prefix, so the image encoder learns to localize
     # them; a training target only, never a policy input. 0: off
     env_state_weight: float = 0.0
+    # draw each episode's first `first_frames` frames this many times as often as later ones (1: uniform). Only
+    # there must a policy find the goal in the pixels: later, the hand's progress along the demonstrated path
+    # already tells where it is going, a shortcut that closed loop cannot take at the start
+    first_frames_weight: float = 1.0
+    first_frames: int = 8
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -70,6 +76,11 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     """The model, the data source and the checkpoint metadata for a command."""
     if cmd.image_shift < 0:
         raise TrainSetupError(f"--image-shift must be 0 (off) or a positive number of pixels, got {cmd.image_shift}")
+    if not (cmd.first_frames_weight > 0 and math.isfinite(cmd.first_frames_weight)):
+        raise TrainSetupError(f"--first-frames-weight must be a positive number (1: uniform), got "
+                              f"{cmd.first_frames_weight}")
+    if cmd.first_frames < 1:
+        raise TrainSetupError(f"--first-frames must be >= 1, got {cmd.first_frames}")
     if not (cmd.env_state_weight >= 0):
         raise TrainSetupError(f"--env-state-weight must be >= 0 (0: off), got {cmd.env_state_weight}")
     vocab = None
@@ -112,6 +123,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "num_cameras": data.num_cameras,
         "datasets": [str(p) for p in cmd.data],
         "augment": {"image_shift": cmd.image_shift},
+        "sampling": {"first_frames": cmd.first_frames, "first_frames_weight": cmd.first_frames_weight},
         "stats": data.stats,
     }
     return model, data, meta
@@ -132,7 +144,8 @@ def train(cmd: TrainCommand) -> dict[str, Any]:
 
     def batches(start_step: int):
         return data.batches(cmd.batch_size, seed=seed, steps=cmd.steps, start_step=start_step,
-                            num_workers=cmd.workers, image_shift=cmd.image_shift)
+                            num_workers=cmd.workers, image_shift=cmd.image_shift,
+                            first_frames=cmd.first_frames, first_frames_weight=cmd.first_frames_weight)
 
     trainer = Trainer(model, batches, cfg, checkpoint_meta=meta)
     return trainer.train()
