@@ -42,7 +42,7 @@ class MixtureSource:
     state_key: str = "observation.state"
     action_key: str = "action"
     cameras: Sequence[str] | None = None  # camera keys in slot order; default: the dataset's, sorted
-    normalize: Mapping[str, str] = field(default_factory=dict)  # feature -> mode (features it lacks are skipped)
+    normalize: Mapping[str, str] = field(default_factory=dict)  # feature -> Normalizer mode
 
 
 class DatasetMixture(torch.utils.data.Dataset):
@@ -90,7 +90,8 @@ class DatasetMixture(torch.utils.data.Dataset):
         deltas.update({c: steps_to_seconds(frames, fps) for c in cams})
         self.cameras.append(cams)
         self._maps.append((self.space.state_map(s.embodiment), self.space.action_map(s.embodiment)))
-        modes = {k: m for k, m in s.normalize.items() if k in probe.features}
+        # the environment state is optional (a training target some datasets record); any other feature is not
+        modes = {k: m for k, m in s.normalize.items() if k != ENV_STATE or k in probe.features}
         self._normalizers.append(Normalizer(probe.stats, modes) if modes else None)
         return LeRobotDataset(s.root, delta_timestamps=deltas, **kwargs)
 
