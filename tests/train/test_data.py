@@ -100,3 +100,14 @@ def test_the_first_frames_of_each_episode_can_be_drawn_more_often(data):
     assert abs((frame[boosted] < 8).mean() - expected) < 0.05
     assert np.array_equal(boosted, drawn(5.0))  # still a pure function of (seed, step)
     assert boosted.min() >= 0 and boosted.max() < len(frame)
+
+
+def test_the_environment_state_target_can_be_kept_to_the_first_frames(data):
+    plain = next(data.batches(batch_size=16, seed=5, steps=1))
+    first = next(data.batches(batch_size=16, seed=5, steps=1, first_frames=8, env_state_first_frames=True))
+    torch.testing.assert_close(plain["actions"], first["actions"])  # the same draws, only the mask differs
+    frames = np.asarray(data.mixture.datasets[0].columns["frame_index"])
+    drawn = next(iter(StepBatchSampler(data.mixture, 16, seed=5, start_step=0, steps=1)))
+    early = torch.from_numpy(frames[drawn] < 8)
+    assert torch.equal(first["env_state_mask"], plain["env_state_mask"] & early[:, None])
+    assert early.any() and (~early).any()

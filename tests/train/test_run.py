@@ -37,7 +37,7 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert "env_state" in summary["final_losses"]
     config = load_checkpoint(aux.out, training_state=False).config
     assert config["model"]["env_state_dim"] == 6 and config["model"]["env_state_weight"] == 2.0
-    assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0}
+    assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
     obs = example_observation(aux.out)
     assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
     assert Policy.from_checkpoint(aux.out).infer(obs)["actions"].shape[0] == cmd.horizon
@@ -72,3 +72,5 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, first_frames_weight=0.0))
     with pytest.raises(TrainSetupError, match="--first-frames must be >= 1"):
         build(dataclasses.replace(cmd, first_frames=0))
+    with pytest.raises(TrainSetupError, match="set --env-state-weight too"):
+        build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_first_frames=True))

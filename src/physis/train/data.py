@@ -159,12 +159,13 @@ class TrainingData:
         }
 
     def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0, num_workers: int = 0,
-                image_shift: int = 0, first_frames: int = 8,
-                first_frames_weight: float = 1.0) -> Iterator[dict[str, torch.Tensor]]:
+                image_shift: int = 0, first_frames: int = 8, first_frames_weight: float = 1.0,
+                env_state_first_frames: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Model batches for steps start_step .. steps-1, each a pure function of (seed, step).
 
         image_shift > 0 shifts every camera image by up to that many pixels (`augment.random_shift`).
         first_frames_weight draws each episode's first `first_frames` frames that many times as often as later ones.
+        env_state_first_frames keeps the environment-state target on those first frames only.
         """
         sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps, first_frames,
                                    first_frames_weight)
@@ -172,6 +173,8 @@ class TrainingData:
                                              persistent_workers=num_workers > 0)
         for step, raw in enumerate(loader, start=start_step):
             batch = self.to_model_batch(raw)
+            if env_state_first_frames and "env_state_mask" in batch:
+                batch["env_state_mask"] = batch["env_state_mask"] & (raw["frame_index"] < first_frames)[:, None]
             if image_shift:
                 gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
                 batch["images"], batch["future_images"] = random_shift(

@@ -59,6 +59,9 @@ class TrainCommand:
     # already tells where it is going, a shortcut that closed loop cannot take at the start
     first_frames_weight: float = 1.0
     first_frames: int = 8
+    # regress the environment state on those first frames only: later the head, too, could read the goal off
+    # the hand's progress instead of finding it in the pixels
+    env_state_first_frames: bool = False
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -83,6 +86,9 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         raise TrainSetupError(f"--first-frames must be >= 1, got {cmd.first_frames}")
     if not (cmd.env_state_weight >= 0):
         raise TrainSetupError(f"--env-state-weight must be >= 0 (0: off), got {cmd.env_state_weight}")
+    if cmd.env_state_first_frames and not cmd.env_state_weight:
+        raise TrainSetupError("--env-state-first-frames restricts the environment-state target, which is off: "
+                              "set --env-state-weight too")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -123,7 +129,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "num_cameras": data.num_cameras,
         "datasets": [str(p) for p in cmd.data],
         "augment": {"image_shift": cmd.image_shift},
-        "sampling": {"first_frames": cmd.first_frames, "first_frames_weight": cmd.first_frames_weight},
+        "sampling": {"first_frames": cmd.first_frames, "first_frames_weight": cmd.first_frames_weight,
+                     "env_state_first_frames": cmd.env_state_first_frames},
         "stats": data.stats,
     }
     return model, data, meta
@@ -145,7 +152,8 @@ def train(cmd: TrainCommand) -> dict[str, Any]:
     def batches(start_step: int):
         return data.batches(cmd.batch_size, seed=seed, steps=cmd.steps, start_step=start_step,
                             num_workers=cmd.workers, image_shift=cmd.image_shift,
-                            first_frames=cmd.first_frames, first_frames_weight=cmd.first_frames_weight)
+                            first_frames=cmd.first_frames, first_frames_weight=cmd.first_frames_weight,
+                            env_state_first_frames=cmd.env_state_first_frames)
 
     trainer = Trainer(model, batches, cfg, checkpoint_meta=meta)
     return trainer.train()
