@@ -43,3 +43,29 @@ def test_start_noise_moves_the_hand_per_seed_and_the_expert_still_succeeds():
         make_env("metaworld/mt10", "reach-v3", EnvConfig(render=False, start_noise=-1.0))
     for env in (home, moved):
         env.close()
+
+
+def _marker_pixels(env, camera: str) -> int:
+    """Pixels the goal marker covers in `camera`: the frame with the marker against the frame without it."""
+    mw = env._env
+    site = mw.model.site("goal").id
+    shown = env.observe()["images"][camera].astype(int)
+    alpha = mw.model.site_rgba[site, 3]
+    mw.model.site_rgba[site, 3] = 0.0
+    try:
+        hidden = env.observe()["images"][camera].astype(int)
+    finally:
+        mw.model.site_rgba[site, 3] = alpha
+    return int((np.abs(shown - hidden).sum(axis=-1) > 30).sum())
+
+
+def test_the_near_front_camera_shows_the_reach_goal_larger_than_the_front_camera():
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=96, cameras=("front", "front_near")))
+    try:
+        for seed in (1_000_000, 1_000_001, 1_000_002, 1_000_003):
+            env.reset(seed=seed)
+            far, near = _marker_pixels(env, "front"), _marker_pixels(env, "front_near")
+            assert far > 0, seed  # in view in both
+            assert near > 1.5 * far, (seed, far, near)
+    finally:
+        env.close()
