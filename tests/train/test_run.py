@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from physis.cli import main
+from physis.data.reader import LeRobotDataset
 from physis.runtime import Policy, example_observation
 from physis.train.checkpoint import load_checkpoint
 from physis.train.run import train
@@ -50,6 +51,10 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert list(r["env_state_mae"]) == names and list(r["env_state_mean_baseline_mae"]) == names
     assert all(np.isfinite(v) and v >= 0 for v in r["env_state_mae"].values())
     assert max(r["env_state_mean_baseline_mae"].values()) < 1.0  # metres: rescaled from normalized units
+    assert r["env_state_first_frames"] == 1  # every episode's first frame, and nothing else
+    assert r["env_state_first_frames_samples"] == len(LeRobotDataset(cmd.data[0]).episodes) > 0
+    assert list(r["env_state_first_frames_mae"]) == names
+    assert all(np.isfinite(v) and v >= 0 for v in r["env_state_first_frames_mean_baseline_mae"].values())
 
 
 def test_the_environment_state_head_needs_data_that_records_it(tmp_path):

@@ -7,7 +7,9 @@
 - subtask: exact-match accuracy of the generated subtask against the expert's label;
 - progress: Pearson correlation and mean absolute error against true progress (frame / length);
 - environment state (the auxiliary head, where the checkpoint has one and the data records it): mean absolute
-  error per coordinate in the data's units (metres), beside the baseline that always answers the mean.
+  error per coordinate in the data's units (metres), beside the baseline that always answers the mean; the
+  same over every episode's first `first_frames` frames alone, where a policy cannot yet read the goal from
+  how far the hand has come along a demonstrated path and has to find it in the pixels.
 
 Use demonstrations the checkpoint did not train on, e.g. `physis collect ... --seed 500000`.
 """
@@ -34,6 +36,7 @@ class HeadsConfig:
     batch_size: int = 32
     seed: int = 0
     strip: int = 6  # examples in the world-model PNG strip
+    first_frames: int = 1  # environment-state error also over each episode's first N frames alone (0: off)
     progress: bool = True
 
 
@@ -97,6 +100,8 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
         results["progress_mae"] = float(np.abs(p - t).mean())
     if acc["env_err"]:
         results.update(_env_state_errors(np.concatenate(acc["env_err"]), np.concatenate(acc["env_base"]), data))
+        if cfg.first_frames > 0:
+            results.update(_first_frames_env_state(model, data, cfg))
     if acc["wm_mse"]:
         results["world_model_latent_mse"] = float(np.mean(acc["wm_mse"]))
         results["copy_baseline_latent_mse"] = float(np.mean(acc["copy_mse"]))
@@ -120,6 +125,25 @@ def _env_state_errors(err: np.ndarray, base: np.ndarray, data: Any) -> dict[str,
     return {"env_state_mae": {k: float(v) for k, v in zip(names, err[:, :n].mean(0) * std[:n], strict=True)},
             "env_state_mean_baseline_mae": {k: float(v) for k, v in
                                             zip(names, base[:, :n].mean(0) * std[:n], strict=True)}}
+
+
+def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
+    """The environment-state errors over every episode's first `cfg.first_frames` frames (all of them, in order)."""
+    frame_index = np.asarray(data.mixture.datasets[0].columns["frame_index"])
+    rows = np.flatnonzero(frame_index < cfg.first_frames).tolist()
+    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    err, base = [], []
+    with torch.no_grad():
+        for raw in torch.utils.data.DataLoader(data.mixture, batch_sampler=batches):
+            batch = data.to_model_batch(raw)
+            valid = batch["env_state_mask"].float()
+            err.append(((model.predict_env_state(model.encode_prefix(batch)) - batch["env_state"]).abs()
+                        * valid).numpy())
+            base.append((batch["env_state"].abs() * valid).numpy())
+    found = _env_state_errors(np.concatenate(err), np.concatenate(base), data)
+    return {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
+            "env_state_first_frames_mae": found["env_state_mae"],
+            "env_state_first_frames_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
 
 
 def _world_model(model: Any, batch: dict[str, torch.Tensor], cache: Any, gen: torch.Generator,
