@@ -171,11 +171,14 @@ def collect(cfg: CollectConfig) -> None:
     table = Table(title=f"physis collect {cfg.suite} -> {cfg.out}")
     for col in ("task", "kept", "expert success", "tried", "frames"):
         table.add_column(col)
+    openings = cfg.max_frames > 0  # episodes cut short: whether the expert would have succeeded is not known
     for task, t in summary.tallies.items():
-        table.add_row(task, str(t.kept), f"{t.success_rate:.0%}", str(t.attempts), str(t.frames))
+        table.add_row(task, str(t.kept), "-" if openings else f"{t.success_rate:.0%}", str(t.attempts), str(t.frames))
     console.print(table)
-    console.print(f"{summary.episodes} episodes kept of {summary.attempts} tried (expert success "
-                  f"{summary.expert_success_rate:.1%}) in {summary.seconds:.0f}s with {summary.workers} workers: "
+    success = f"the first {cfg.max_frames} frames of each" if openings else \
+        f"expert success {summary.expert_success_rate:.1%}"
+    console.print(f"{summary.episodes} episodes kept of {summary.attempts} tried ({success}) in "
+                  f"{summary.seconds:.0f}s with {summary.workers} workers: "
                   f"{summary.episodes_per_minute:.1f} episodes/min")
 
 

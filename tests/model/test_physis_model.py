@@ -347,3 +347,15 @@ def test_env_state_head_regresses_only_the_valid_slots() -> None:
     assert "env_state" not in plain(batch) and not hasattr(plain, "env_state_head")
     with pytest.raises(RuntimeError, match="env_state_dim=0"):
         plain.predict_env_state(plain.encode_prefix(batch))
+
+
+def test_progress_has_no_loss_where_an_episode_s_true_progress_is_unknown() -> None:
+    model, batch = model_and_batch()
+    model.eval()  # no dropout: the same numbers twice
+    with torch.no_grad():
+        pred = torch.sigmoid(model.progress_head(model.encode_prefix(batch).pooled).squeeze(-1))
+        unknown = {**batch, "progress_valid": torch.tensor([True, False, True])}
+        wrong = {**unknown, "progress": torch.tensor([0.1, 0.99, 0.9])}  # the unknown one's target is garbage
+        assert torch.allclose(model(unknown)["progress"], model(wrong)["progress"])
+        assert not torch.allclose(model(batch)["progress"], model({**batch, "progress": wrong["progress"]})["progress"])
+    assert pred.shape == (3,)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from physis.data.reader import LeRobotDataset
 from physis.sim.collect import COLLECTION_META, CollectConfig, collect
@@ -81,3 +82,25 @@ def test_collect_records_the_environment_state_as_a_target(tmp_path):
     # The expert succeeded, so its hand ends where the recorded goal is (reach succeeds within 5 cm).
     assert np.linalg.norm(hand[-1] - env[-1, 3:]) < 0.06
     assert np.linalg.norm(hand[0] - env[0, 3:]) > 0.06
+
+
+def test_collect_max_frames_records_each_episode_s_opening_and_keeps_every_one(tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    common = dict(suite="metaworld/mt10", tasks=("reach-v3",), episodes=2, image_size=16, workers=1, progress=False)
+    collect(CollectConfig(out=whole, **common))
+    summary = collect(CollectConfig(out=cut, max_frames=5, **common))
+    assert summary.episodes == 2 and summary.attempts == 2  # kept without knowing whether the expert succeeds
+    full, opening = LeRobotDataset(whole), LeRobotDataset(cut)
+    assert [e.length for e in opening.episodes] == [5, 5]
+    first = full.episodes[0].length  # the same seeds: the openings are the whole episodes' first frames
+    np.testing.assert_array_equal(opening.columns["action"][:5], full.columns["action"][:5])
+    states = full.columns["observation.state"]
+    np.testing.assert_array_equal(opening.columns["observation.state"][5:], states[first : first + 5])
+    meta = json.loads((cut / "meta" / COLLECTION_META).read_text())
+    assert meta["config"]["max_frames"] == 5
+
+
+def test_collect_refuses_a_negative_max_frames(tmp_path):
+    with pytest.raises(ValueError, match="--max-frames must be 0"):
+        collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path / "d",
+                              max_frames=-1, progress=False))

@@ -111,3 +111,16 @@ def test_the_environment_state_target_can_be_kept_to_the_first_frames(data):
     early = torch.from_numpy(frames[drawn] < 8)
     assert torch.equal(first["env_state_mask"], plain["env_state_mask"] & early[:, None])
     assert early.any() and (~early).any()
+
+
+def test_episode_openings_carry_no_progress_target(demos, tmp_path):
+    openings = tmp_path / "openings"
+    collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=2, out=openings, image_size=32,
+                          workers=1, progress=False, max_frames=4))
+    mixed = TrainingData([demos, openings], DataConfig(horizon=8, image_size=32))
+    sampler = StepBatchSampler(mixed.mixture, 32, seed=3, start_step=0, steps=1)
+    offsets = np.cumsum([0] + [len(d) for d in mixed.mixture.datasets])
+    raw_source = np.searchsorted(offsets, next(iter(sampler)), side="right") - 1
+    batch = next(mixed.batches(batch_size=32, seed=3, steps=1))
+    assert torch.equal(batch["progress_valid"], torch.from_numpy(raw_source == 0))
+    assert (raw_source == 0).any() and (raw_source == 1).any()

@@ -79,8 +79,9 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
                    * (~batch["action_is_pad"])[..., None].float())
             acc["action_mse"].append(float(err.sum() / (batch["action_mask"].sum() * batch["actions"].shape[1])))
             if model_cfg.progress:
-                acc["prog_pred"] += model.predict_progress(cache).tolist()
-                acc["prog_true"] += batch["progress"].tolist()
+                known = batch["progress_valid"].bool()  # openings (`collect --max-frames`) have no true progress
+                acc["prog_pred"] += model.predict_progress(cache)[known].tolist()
+                acc["prog_true"] += batch["progress"][known].tolist()
             if model_cfg.env_state_dim and "env_state" in batch:
                 valid = batch["env_state_mask"].float()  # normalized units: the error is rescaled below
                 acc["env_err"].append(((model.predict_env_state(cache) - batch["env_state"]).abs() * valid).numpy())

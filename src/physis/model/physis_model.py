@@ -240,9 +240,11 @@ class PhysisModel(nn.Module):
             pred = self.progress_head(cache.pooled).squeeze(-1)
             target = batch["progress"].to(pred.dtype)
             if cfg.progress_loss == "bce":
-                losses["progress"] = F.binary_cross_entropy_with_logits(pred, target)
+                per = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
             else:
-                losses["progress"] = F.mse_loss(pred, target)
+                per = F.mse_loss(pred, target, reduction="none")
+            valid = batch.get("progress_valid")  # False for episodes whose length is not the task's (openings)
+            losses["progress"] = per.mean() if valid is None else masked_mean(per, valid.bool())
             weights["progress"] = cfg.progress_weight
 
         if cfg.env_state_dim and "env_state" in batch:

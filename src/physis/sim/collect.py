@@ -19,6 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
+from physis.data.layout import COLLECTION_META
 from physis.data.video import EncoderConfig
 from physis.data.writer import DatasetWriter
 from physis.embodiment import EmbodimentSpec, load_embodiment
@@ -27,8 +28,6 @@ from physis.sim.base import EnvConfig
 from physis.sim.rollout import ExpertEpisode, expert_episode_job
 from physis.sim.seeds import TRAIN_SEEDS, seed_ranges, train_seeds
 from physis.sim.suites import get_suite, resolve_tasks
-
-COLLECTION_META = "collection.json"
 
 
 @dataclass
@@ -53,6 +52,10 @@ class CollectConfig:
     # record the expert's own action, so the data shows how to recover from small errors (0: off)
     action_noise: float = 0.0
     start_noise: float = 0.0  # Meta-World: each episode's hand starts up to this many metres (per axis) off home
+    # > 0: record only each episode's first N frames (its opening: the frames where a policy must find the goal
+    # in the pixels). The expert is not run on, so success is unknown: every opening is kept, and training
+    # gives these episodes no progress target (their length is not the task's)
+    max_frames: int = 0
 
     def encoder(self) -> EncoderConfig:
         """AV1 (SVT, LeRobot's default) or H.264, both with a keyframe every 2 frames for cheap random access."""
@@ -114,13 +117,14 @@ def _features(spec: EmbodimentSpec, cameras: tuple[str, ...], hw: tuple[int, int
 
 
 def _run_in_order(executor: Executor, jobs: list[tuple[str, int]], suite: str, env_config: EnvConfig,
-                  action_noise: float = 0.0, environment_state: bool = False) -> Iterator[ExpertEpisode]:
+                  action_noise: float = 0.0, environment_state: bool = False,
+                  max_frames: int = 0) -> Iterator[ExpertEpisode]:
     """Submit every job, yield results in submission order (a bounded window keeps memory small)."""
     window = 4 * max(1, getattr(executor, "_max_workers", 1))
     pending: list[Future] = []
     for task, seed in jobs:
         pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config, action_noise,
-                                       environment_state))
+                                       environment_state, max_frames))
         if len(pending) >= window:
             yield pending.pop(0).result()
     while pending:
@@ -154,6 +158,8 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                          f"{cfg.action_noise}")
     if not (cfg.start_noise >= 0 and math.isfinite(cfg.start_noise)):
         raise ValueError(f"--start-noise must be >= 0 metres, got {cfg.start_noise}")
+    if cfg.max_frames < 0:
+        raise ValueError(f"--max-frames must be 0 (whole episodes) or a number of frames, got {cfg.max_frames}")
     if cfg.start_noise and not cfg.suite.startswith("metaworld/"):
         raise ValueError(f"--start-noise is implemented for the Meta-World suites, not {cfg.suite}")
     spec = load_embodiment(suite.embodiment)
@@ -190,14 +196,15 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                 if not jobs:
                     break
                 for ep in _run_in_order(executor, jobs, cfg.suite, env_config, cfg.action_noise,
-                                        bool(suite.environment_state)):
+                                        bool(suite.environment_state), cfg.max_frames):
                     tally = tallies[ep.task]
                     tally.attempts += 1
                     tally.successes += ep.success
                     tally.seeds_tried.append(ep.seed)
                     entry = {"task": ep.task, "seed": ep.seed, "success": ep.success, "length": ep.length,
                              "instruction": ep.instruction, "episode_index": None}
-                    if (ep.success or cfg.keep_failures) and tally.kept < cfg.episodes:
+                    keep = ep.success or cfg.keep_failures or cfg.max_frames > 0
+                    if keep and tally.kept < cfg.episodes:
                         entry["episode_index"] = writer.add_episode(ep.frames, ep.instruction, subtasks=ep.subtasks)
                         tally.kept += 1
                         tally.frames += ep.length

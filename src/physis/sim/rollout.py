@@ -47,7 +47,7 @@ class ExpertEpisode:
 
 
 def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
-                          environment_state: bool = False) -> ExpertEpisode:
+                          environment_state: bool = False, max_frames: int = 0) -> ExpertEpisode:
     """Run the env's expert from `seed` to success or the step limit, recording observation and action per step.
 
     action_noise > 0 (DART, Laskey et al. 2017): the robot runs the expert's action plus Gaussian noise of that
@@ -58,6 +58,9 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
 
     environment_state=True also records the simulator's privileged object and goal positions per step
     (`SimEnv.environment_state`) as observation.environment_state, a training target for auxiliary heads.
+
+    max_frames > 0 stops after that many frames: an episode's opening, whose success is not known
+    (`success` is then False).
     """
     expert = env.expert()
     obs, _ = env.reset(seed=seed)
@@ -84,17 +87,18 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
         if action_noise > 0:
             action = env.check_action(np.clip(action + noise.normal(0.0, action_noise * half), lower, upper))
         obs, _, terminated, truncated, _ = env.step(action)
-        done = terminated or truncated
+        done = terminated or truncated or len(actions) == max_frames
     frames: dict[str, Any] = {"observation.state": np.stack(states), "action": np.stack(actions)}
     if environment_state:
         frames["observation.environment_state"] = np.stack(env_states).astype(np.float32)
     for cam, imgs in images.items():
         frames[f"observation.images.{cam}"] = np.stack(imgs)
-    return ExpertEpisode(task=env.task, seed=seed, instruction=env.instruction, success=env.success,
+    finished = max_frames <= 0 or len(actions) < max_frames
+    return ExpertEpisode(task=env.task, seed=seed, instruction=env.instruction, success=finished and env.success,
                          length=len(actions), frames=frames, subtasks=labels)
 
 
 def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig, action_noise: float = 0.0,
-                       environment_state: bool = False) -> ExpertEpisode:
+                       environment_state: bool = False, max_frames: int = 0) -> ExpertEpisode:
     """Picklable entry point for worker processes."""
-    return record_expert_episode(cached_env(suite, task, config), seed, action_noise, environment_state)
+    return record_expert_episode(cached_env(suite, task, config), seed, action_noise, environment_state, max_frames)

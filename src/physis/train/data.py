@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from physis.data.layout import DatasetFormatError, read_json
+from physis.data.layout import COLLECTION_META, DatasetFormatError, read_json
 from physis.data.mixture import ENV_STATE, DatasetMixture, MixtureSource
 from physis.data.stats import Normalizer, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
@@ -56,6 +56,14 @@ def embodiment_for(root: str | Path, override: str | Path | None = None) -> Embo
         return load_embodiment(robot)
     raise DatasetFormatError(f"{root}: cannot tell which robot recorded it (robot_type {robot!r} is not a built-in "
                              f"embodiment and there is no meta/{EMBODIMENT_META}); pass an embodiment spec for it")
+
+
+def _openings_only(root: str | Path) -> bool:
+    """Whether `physis collect --max-frames` recorded this dataset (each episode only up to a frame limit)."""
+    meta = Path(root) / "meta" / COLLECTION_META
+    if not meta.is_file():
+        return False
+    return bool((read_json(meta).get("config") or {}).get("max_frames"))
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -118,6 +126,9 @@ class TrainingData:
         names = list(dict.fromkeys(s.name for s in specs))  # one index per distinct robot
         self.embodiments = [next(s for s in specs if s.name == n) for n in names]
         self._embodiment_of_source = torch.tensor([names.index(s.name) for s in specs])
+        # Episodes recorded only up to a frame limit (`physis collect --max-frames`) end before the task does,
+        # so frame / length is not their progress.
+        self._progress_known = torch.tensor([not _openings_only(r) for r in roots])
         labels = [t for d in self.mixture.datasets for t in d.subtasks or ()]  # datasets without subtasks add none
         self.vocab = vocab if vocab is not None else SubtaskVocab.from_labels(labels)
         self.text = text_encoder if text_encoder is not None else TextEncoder()
@@ -209,4 +220,5 @@ class TrainingData:
             "future_images": raw["future.images"],
             "future_valid": ~raw["future_is_pad"],
             "progress": raw["frame_index"].float() / (length - 1).clamp(min=1),
+            "progress_valid": self._progress_known[raw["embodiment_index"]],
         }
