@@ -124,3 +124,23 @@ def test_episode_openings_carry_no_progress_target(demos, tmp_path):
     batch = next(mixed.batches(batch_size=32, seed=3, steps=1))
     assert torch.equal(batch["progress_valid"], torch.from_numpy(raw_source == 0))
     assert (raw_source == 0).any() and (raw_source == 1).any()
+
+
+def test_datasets_of_one_robot_share_pooled_normalization(demos, tmp_path):
+    openings = tmp_path / "openings"
+    collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=2, out=openings, image_size=32,
+                          workers=1, progress=False, max_frames=4))
+    alone = TrainingData([openings], DataConfig(horizon=8, image_size=32))
+    mixed = TrainingData([demos, openings], DataConfig(horizon=8, image_size=32))
+    name = mixed.embodiments[0].name
+    assert list(mixed.stats) == [name]  # one set per robot: the set a policy un-normalizes with
+    pooled = mixed.stats[name]["stats"]["observation.state"]
+    own = [alone.mixture.datasets[0].stats["observation.state"], mixed.mixture.datasets[0].stats["observation.state"]]
+    assert not np.allclose(own[0]["mean"], own[1]["mean"])  # the openings alone differ from whole episodes
+    counts = [float(o["count"][0]) for o in own]
+    np.testing.assert_allclose(pooled["mean"], (counts[0] * own[0]["mean"] + counts[1] * own[1]["mean"]) / sum(counts))
+    # Both sources are normalized with the pooled statistics: the hand's xyz of whole episodes, too.
+    state = np.asarray(mixed.mixture[0]["observation.state"]).reshape(-1)[:3]
+    raw = np.asarray(mixed.mixture.datasets[0][0]["observation.state"]).reshape(-1)[:3]
+    mean, std = np.asarray(pooled["mean"])[:3], np.asarray(pooled["std"])[:3]
+    np.testing.assert_allclose(state, (raw - mean) / std, atol=1e-4)

@@ -19,7 +19,7 @@ import torch
 
 from physis.data.layout import COLLECTION_META, DatasetFormatError, read_json
 from physis.data.mixture import ENV_STATE, DatasetMixture, MixtureSource
-from physis.data.stats import Normalizer, stats_from_json, stats_to_json
+from physis.data.stats import Normalizer, merge_stats, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
 from physis.train.augment import random_shift
 
@@ -143,10 +143,28 @@ class TrainingData:
                 modes = {k: m for k, m in own["modes"].items()
                          if k in arrays and k in self.mixture.datasets[i].features}
                 self.mixture.use_normalizer(i, Normalizer(arrays, modes))
-        self.stats = stats if stats is not None else {s.embodiment.name: {
-            "modes": {k: m for k, m in norm.items() if k in d.features},
-            "stats": stats_to_json({k: v for k, v in d.stats.items() if k in norm})}
-            for s, d in zip(sources, self.mixture.datasets, strict=True)}
+        self.stats = stats if stats is not None else self._pooled_stats(sources, norm)
+
+    def _pooled_stats(self, sources: Sequence[MixtureSource], norm: dict[str, str]) -> dict[str, Any]:
+        """One set of normalization statistics per robot. Datasets of the same robot are pooled and all normalized
+        with the pooled statistics: the checkpoint keeps one set per robot, the one the policy un-normalizes with."""
+        out: dict[str, Any] = {}
+        for name in dict.fromkeys(s.embodiment.name for s in sources):
+            members = [i for i, s in enumerate(sources) if s.embodiment.name == name]
+            datasets = [self.mixture.datasets[i] for i in members]
+            pooled = {}
+            for key in norm:
+                parts = [{"count": np.array([len(d)]), **d.stats[key]} for d in datasets  # count: frames if unstated
+                         if key in d.stats and key in d.features]
+                if parts:
+                    pooled[key] = parts[0] if len(parts) == 1 else merge_stats(parts)
+            modes = {k: m for k, m in norm.items() if k in pooled}
+            if len(members) > 1:
+                for i, d in zip(members, datasets, strict=True):
+                    self.mixture.use_normalizer(i, Normalizer(pooled, {k: m for k, m in modes.items()
+                                                                       if k in d.features}))
+            out[name] = {"modes": modes, "stats": stats_to_json(pooled)}
+        return out
 
     @property
     def num_cameras(self) -> int:
