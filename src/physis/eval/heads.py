@@ -83,9 +83,9 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
                 acc["prog_pred"] += model.predict_progress(cache)[known].tolist()
                 acc["prog_true"] += batch["progress"][known].tolist()
             if model_cfg.env_state_dim and "env_state" in batch:
-                valid = batch["env_state_mask"].float()  # normalized units: the error is rescaled below
-                acc["env_err"].append(((model.predict_env_state(cache) - batch["env_state"]).abs() * valid).numpy())
-                acc["env_base"].append((batch["env_state"].abs() * valid).numpy())
+                err, base = _env_state_residuals(model, batch, cache)
+                acc["env_err"].append(err)
+                acc["env_base"].append(base)
             if model_cfg.world_model:
                 _world_model(model, batch, cache, gen, acc, strip, cfg.strip)
             bar.update(task, advance=1, subtask=f"{hits}/{total}")
@@ -128,6 +128,13 @@ def _env_state_errors(err: np.ndarray, base: np.ndarray, data: Any) -> dict[str,
                                             zip(names, base[:, :n].mean(0) * std[:n], strict=True)}}
 
 
+def _env_state_residuals(model: Any, batch: dict[str, torch.Tensor], cache: Any) -> tuple[np.ndarray, np.ndarray]:
+    """|head - target| and |mean - target| (the target is normalized, so the mean is 0), masked, in normalized units."""
+    valid = batch["env_state_mask"].float()
+    return (((model.predict_env_state(cache) - batch["env_state"]).abs() * valid).numpy(),
+            (batch["env_state"].abs() * valid).numpy())
+
+
 def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
     """The environment-state errors over every episode's first `cfg.first_frames` frames (all of them, in order)."""
     frame_index = np.asarray(data.mixture.datasets[0].columns["frame_index"])
@@ -137,10 +144,9 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
     with torch.no_grad():
         for raw in torch.utils.data.DataLoader(data.mixture, batch_sampler=batches):
             batch = data.to_model_batch(raw)
-            valid = batch["env_state_mask"].float()
-            err.append(((model.predict_env_state(model.encode_prefix(batch)) - batch["env_state"]).abs()
-                        * valid).numpy())
-            base.append((batch["env_state"].abs() * valid).numpy())
+            e, b = _env_state_residuals(model, batch, model.encode_prefix(batch))
+            err.append(e)
+            base.append(b)
     found = _env_state_errors(np.concatenate(err), np.concatenate(base), data)
     return {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
             "env_state_first_frames_mae": found["env_state_mae"],
