@@ -151,7 +151,7 @@ def test_invalid_futures_and_subtasks_get_no_loss() -> None:
 
 def joint_velocity(model: PhysisModel, batch, x, t, subtask_ids=None) -> torch.Tensor:
     """Reference: prefix, subtask and action tokens in one sequence under the full block mask, no cache."""
-    tokens, mask, _ = model.prefix(batch)
+    tokens, mask, _, _ = model.prefix(batch)
     n_sub = 0 if subtask_ids is None else subtask_ids.shape[1]
     if subtask_ids is not None:
         tokens = torch.cat([tokens, model.subtask_emb(subtask_ids) + model.subtask_pos[:n_sub]], 1)

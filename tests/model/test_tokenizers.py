@@ -29,8 +29,9 @@ def test_keypoints_add_one_prefix_token_per_camera_and_frame() -> None:
     torch.manual_seed(0)
     plain, with_kp = make_config(history=2), make_config(history=2, keypoints=8, stem_blocks=1)
     batch = make_batch(plain)
-    tokens, mask, _ = PhysisModel(plain).prefix(batch)
-    tokens_kp, mask_kp, feats = PhysisModel(with_kp).prefix(batch)
+    tokens, mask, _, _ = PhysisModel(plain).prefix(batch)
+    tokens_kp, mask_kp, feats, located = PhysisModel(with_kp).prefix(batch)
+    assert located is None  # no localizer asked for
     c, t = plain.cameras, plain.history
     assert tokens_kp.shape[1] == tokens.shape[1] + c * t
     n_img = c * t * plain.patch_grid**2
@@ -74,6 +75,36 @@ def test_encoder_options_train_and_keep_the_cache_exact(overrides) -> None:
     noise = torch.randn(B, cfg.horizon, cfg.action_dim, generator=g)
     cached = model.sample_actions(cache=model.encode_prefix(batch), noise=noise, steps=3)
     assert torch.allclose(cached, model.sample_actions(batch, noise=noise, steps=3))
+
+
+def test_the_localizer_estimates_the_environment_state_from_keypoints_and_feeds_it_to_the_trunk() -> None:
+    torch.manual_seed(0)
+    cfg = make_config(keypoints=4, env_state_dim=3, localizer=True)
+    model = PhysisModel(cfg)
+    assert not hasattr(model, "env_state_head")  # the localizer is the estimate
+    batch = {**make_batch(cfg), "env_state": torch.randn(B, 3), "env_state_mask": torch.ones(B, 3, dtype=torch.bool)}
+    losses = model(batch)
+    losses["env_state"].backward()
+    # the target reaches the keypoint maps through the localizer alone, not through the trunk
+    assert model.prefix.patches.keypoints.maps.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.blocks.parameters())
+    model.eval()
+    cache = model.encode_prefix(batch)
+    tokens, _, _, located = model.prefix(batch)
+    assert torch.equal(model.predict_env_state(cache), located)
+    # the query token carries the estimate: another estimate gives another token
+    with torch.no_grad():
+        model.prefix.localizer_in.bias.add_(1.0)
+    assert not torch.allclose(model.prefix(batch)[0][:, -1], tokens[:, -1])
+    # the runtime's encoding (pooled=False) keeps the estimate too
+    assert torch.equal(model.encode_prefix(batch, pooled=False).env_state, located)
+
+
+def test_the_localizer_needs_keypoints_and_an_environment_state() -> None:
+    with pytest.raises(ValueError, match="localizer needs keypoints"):
+        make_config(env_state_dim=3, localizer=True)
+    with pytest.raises(ValueError, match="localizer needs keypoints"):
+        make_config(keypoints=4, localizer=True)
 
 
 def test_negative_encoder_sizes_are_refused() -> None:

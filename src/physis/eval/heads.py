@@ -40,6 +40,14 @@ class HeadsConfig:
     progress: bool = True
 
 
+def _check_cameras(trained: dict[str, list[str]], found: dict[str, list[str]], root: Path) -> None:
+    """Refuse held-out data whose cameras are not the ones the checkpoint was trained on, slot by slot."""
+    for robot, cams in found.items():
+        if robot in trained and list(trained[robot]) != list(cams):
+            raise ValueError(f"{root}: cameras {list(cams)} of robot {robot!r}, but the checkpoint was trained on "
+                             f"{list(trained[robot])} (collect with --cameras {' '.join(trained[robot])})")
+
+
 def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
     from physis.embodiment import UnifiedSpace
     from physis.model.config import ModelConfig
@@ -56,6 +64,7 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
     data = TrainingData([cfg.data], DataConfig(**ckpt.config["data"]),
                         space=UnifiedSpace.from_dict(ckpt.config["unified_space"]),
                         vocab=SubtaskVocab(model_cfg.subtask_vocab), stats=ckpt.stats)
+    _check_cameras(ckpt.config.get("cameras", {}), data.meta()["cameras"], cfg.data)
     vocab = data.vocab
     steps = max(1, cfg.samples // cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)

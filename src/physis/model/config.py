@@ -56,6 +56,10 @@ class ModelConfig:
     # from a learned query token at the end of the prefix, so the image encoder must localize them and the
     # action expert can read them there; a training target only, never an input. 0: off
     env_state_dim: int = 0
+    # estimate the environment state before the trunk, by an MLP over the image keypoints and the pooled
+    # instruction, and feed that estimate in as the query token: a short path from the pixels' keypoints to
+    # the positions, which the route through the trunk's attention did not learn (needs keypoints, env_state_dim)
+    localizer: bool = False
     subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
     max_subtask_tokens: int = 12
     future_offset: int | None = None  # None: horizon (the frame just after the chunk)
@@ -93,6 +97,11 @@ class ModelConfig:
         if self.stem_blocks < 0 or self.keypoints < 0:
             raise ValueError(
                 f"ModelConfig: stem_blocks and keypoints must be >= 0, found {self.stem_blocks}, {self.keypoints}"
+            )
+        if self.localizer and not (self.keypoints and self.env_state_dim):
+            raise ValueError(
+                f"ModelConfig.localizer needs keypoints > 0 and env_state_dim > 0, found {self.keypoints}, "
+                f"{self.env_state_dim}"
             )
         if self.expert_depth is not None and not 1 <= self.expert_depth <= self.depth:
             raise ValueError(f"ModelConfig.expert_depth: expected 1..depth ({self.depth}), found {self.expert_depth}")

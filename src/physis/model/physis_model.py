@@ -97,7 +97,7 @@ class PhysisModel(nn.Module):
             self.subtask_out = nn.Linear(d, self.vocab_size)
         if cfg.progress:
             self.progress_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
-        if cfg.env_state_dim:
+        if cfg.env_state_dim and not cfg.localizer:
             self.env_state_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.env_state_dim))
         if cfg.world_model:
             n_future = cfg.cameras * cfg.latent_grid**2
@@ -209,12 +209,12 @@ class PhysisModel(nn.Module):
 
         pooled=False skips the work only the pooled summary (the progress head) reads; hidden is then None.
         """
-        tokens, mask, feats = self.prefix(batch)
+        tokens, mask, feats, env_state = self.prefix(batch)
         keys, values, hidden = self._trunk_prefix(tokens, mask, hidden=pooled)
-        summary = env_state = None
+        summary = None
         if hidden is not None:
             summary = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-            if self.config.env_state_dim:  # the query token, last in the prefix
+            if self.config.env_state_dim and env_state is None:  # the query token, last in the prefix
                 env_state = self.env_state_head(hidden[:, -1])
         b = tokens.shape[0]
         action_mask = batch.get("action_mask")

@@ -138,11 +138,18 @@ class PrefixTokenizer(nn.Module):
         if cfg.env_state_dim:
             self.env_query = nn.Parameter(torch.zeros(1, 1, d))
             nn.init.normal_(self.env_query, std=0.02)
+        if cfg.localizer:
+            inputs = cfg.cameras * cfg.history * 2 * cfg.keypoints + cfg.text_dim
+            self.localizer = nn.Sequential(nn.Linear(inputs, 2 * d), nn.GELU(), nn.Linear(2 * d, cfg.env_state_dim))
+            self.localizer_in = nn.Linear(cfg.env_state_dim, d)
         for p in (self.patch_pos, self.camera_emb, self.time_emb, self.text_pos):
             nn.init.normal_(p, std=0.02)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns tokens (B, N, D), key mask (B, N) and patch features (B*C*T, D, g, g) for latents."""
+    def forward(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns tokens (B, N, D), key mask (B, N), patch features (B*C*T, D, g, g) for latents, and the
+        localizer's environment-state estimate (B, env_state_dim), or None without a localizer."""
         images = batch["images"]  # (B, C, T, 3, h, w)
         b, c, t = images.shape[:3]
         if c > self.cfg.cameras or t != self.cfg.history:
@@ -175,9 +182,26 @@ class PrefixTokenizer(nn.Module):
         emb_tok = self.embodiment(batch["embodiment"].long())[:, None]
 
         last = [state_tok, emb_tok]
+        located = None
         if self.cfg.env_state_dim:
-            last.append(self.env_query.expand(b, 1, -1).to(emb_tok.dtype))
+            query = self.env_query.expand(b, 1, -1).to(emb_tok.dtype)
+            if self.cfg.localizer:
+                located = self._locate(points, text, batch["text_mask"], c)
+                query = query + self.localizer_in(located)[:, None]
+            last.append(query)
         tokens = torch.cat([tok, text_tok, *last], dim=1)
         ones = torch.ones(b, len(last), dtype=torch.bool, device=tokens.device)
         mask = torch.cat([img_mask, batch["text_mask"].bool(), ones], dim=1)
-        return tokens, mask, feats
+        return tokens, mask, feats, located
+
+    def _locate(self, points: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cameras: int) -> torch.Tensor:
+        """The localizer's estimate (B, env_state_dim) from the keypoints and the mean instruction token. Not from
+        the state: along a demonstration the hand's position gives the goal away, a shortcut closed loop lacks."""
+        b = text.shape[0]
+        points = points.reshape(b, cameras, -1)
+        if cameras < self.cfg.cameras:  # absent camera slots read as zeros
+            points = F.pad(points, (0, 0, 0, self.cfg.cameras - cameras))
+        weights = text_mask.to(text.dtype)[..., None]
+        pooled = (text * weights).sum(1) / weights.sum(1).clamp(min=1)
+        inputs = torch.cat([points.flatten(1), pooled.to(points.dtype)], dim=-1)
+        return self.localizer(inputs)

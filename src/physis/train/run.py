@@ -62,6 +62,9 @@ class TrainCommand:
     # regress the environment state on those first frames only: later the head, too, could read the goal off
     # the hand's progress instead of finding it in the pixels
     env_state_first_frames: bool = False
+    # estimate the environment state from the image keypoints (+ instruction, state) before the trunk and feed the
+    # estimate in as a token; needs --keypoints and --env-state-weight
+    localizer: bool = False
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -89,6 +92,9 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     if cmd.env_state_first_frames and not cmd.env_state_weight:
         raise TrainSetupError("--env-state-first-frames restricts the environment-state target, which is off: "
                               "set --env-state-weight too")
+    if cmd.localizer and not cmd.env_state_weight:
+        raise TrainSetupError("--localizer estimates the environment state, whose target is off: set "
+                              "--env-state-weight too")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -108,7 +114,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
             raise TrainSetupError("--env-state-weight needs datasets that record observation.environment_state "
                                   "(`physis collect` writes it for the Meta-World and pointmaze suites); "
                                   f"none of {[str(p) for p in cmd.data]} does")
-        env_state = {"env_state_dim": data.env_state_dim, "env_state_weight": cmd.env_state_weight}
+        env_state = {"env_state_dim": data.env_state_dim, "env_state_weight": cmd.env_state_weight,
+                     **({"localizer": True} if cmd.localizer else {})}
     model_cfg = ModelConfig.preset(
         cmd.preset, action_dim=data.space.dim, state_dim=data.space.dim, horizon=cmd.horizon,
         cameras=data.num_cameras, history=cmd.history, image_size=cmd.image_size,
