@@ -62,7 +62,7 @@ class TrainCommand:
     # regress the environment state on those first frames only: later the head, too, could read the goal off
     # the hand's progress instead of finding it in the pixels
     env_state_first_frames: bool = False
-    # estimate the environment state from the image keypoints (+ instruction, state) before the trunk and feed the
+    # estimate the environment state from the image keypoints and the instruction before the trunk and feed the
     # estimate in as a token; needs --keypoints and --env-state-weight
     localizer: bool = False
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
@@ -95,6 +95,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     if cmd.localizer and not cmd.env_state_weight:
         raise TrainSetupError("--localizer estimates the environment state, whose target is off: set "
                               "--env-state-weight too")
+    if cmd.localizer and not cmd.keypoints:
+        raise TrainSetupError("--localizer reads the image keypoints, which are off: set --keypoints K too")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
