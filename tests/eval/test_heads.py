@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from physis.eval.heads import _check_cameras
+from physis.eval.heads import _check_cameras, env_state_by_task
 
 
 def test_held_out_data_with_other_cameras_is_refused() -> None:
@@ -14,3 +15,16 @@ def test_held_out_data_with_other_cameras_is_refused() -> None:
     _check_cameras(trained, {"metaworld_sawyer": ["front", "gripper"]}, Path("demos"))
     with pytest.raises(ValueError, match=r"cameras \['corner', 'gripper'\].*trained on \['front', 'gripper'\]"):
         _check_cameras(trained, {"metaworld_sawyer": ["corner", "gripper"]}, Path("demos"))
+
+
+def test_per_task_errors_come_with_a_baseline_that_knows_the_task_but_not_the_scene() -> None:
+    # normalized targets (x, y) of three first frames of "a" and one of "b"; std 0.1 m per coordinate
+    target = np.array([[1.0, 0.0], [2.0, 0.0], [6.0, 0.0], [5.0, 5.0]])
+    err = np.array([[0.5, 0.0], [0.5, 0.0], [0.5, 1.0], [1.0, 1.0]])
+    tasks = np.array(["a", "a", "a", "b"])
+    r = env_state_by_task(err, target, tasks, np.array([0, 1, 2, 3]), ["x", "y"], np.array([0.1, 0.1]))
+    assert r["a"]["episodes"] == 3 and r["a"]["frames"] == 3
+    assert r["a"]["mae"] == pytest.approx({"x": 0.05, "y": 1 / 30})
+    # each frame against the mean of the other episodes: |1 - 4|, |2 - 3.5|, |6 - 1.5| -> mean 3.0 -> 0.3 m
+    assert r["a"]["task_baseline_mae"] == pytest.approx({"x": 0.3, "y": 0.0})
+    assert r["b"]["task_baseline_mae"] is None  # one episode: no other to average

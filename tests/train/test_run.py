@@ -11,6 +11,7 @@ from physis.data.reader import LeRobotDataset
 from physis.runtime import Policy, example_observation
 from physis.train.checkpoint import load_checkpoint
 from physis.train.run import train
+from tests.conftest import TASKS
 
 
 def test_a_negative_image_shift_is_refused_before_any_data_is_read(tmp_path, capsys):
@@ -57,6 +58,9 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert r["env_state_first_frames_samples"] == len(LeRobotDataset(cmd.data[0]).episodes) > 0
     assert list(r["env_state_first_frames_mae"]) == names
     assert all(np.isfinite(v) and v >= 0 for v in r["env_state_first_frames_mean_baseline_mae"].values())
+    by_task = r["env_state_first_frames_by_task"]  # the demos were collected: collection.json names each task
+    assert sorted(by_task) == sorted(TASKS) and all(t["episodes"] == 1 for t in by_task.values())
+    assert list(by_task["reach-v3"]["mae"]) == names
 
 
 def test_the_environment_state_head_needs_data_that_records_it(tmp_path):

@@ -124,17 +124,23 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
 
 def _env_state_errors(err: np.ndarray, base: np.ndarray, data: Any) -> dict[str, Any]:
     """Per-coordinate mean absolute errors (N, E) in normalized units -> the data's units, by feature name."""
-    from physis.data.mixture import ENV_STATE
-    from physis.data.stats import stats_from_json
-
-    ds = data.mixture.datasets[0]
-    names = ds.features[ENV_STATE].get("names") or [f"{i}" for i in range(err.shape[1])]
-    own = next(iter(data.stats.values()))["stats"]
-    std = np.maximum(np.asarray(stats_from_json(own)[ENV_STATE]["std"], dtype=np.float64), 1e-8)
+    names, std = _env_state_scale(data)
     n = len(names)
     return {"env_state_mae": {k: float(v) for k, v in zip(names, err[:, :n].mean(0) * std[:n], strict=True)},
             "env_state_mean_baseline_mae": {k: float(v) for k, v in
                                             zip(names, base[:, :n].mean(0) * std[:n], strict=True)}}
+
+
+def _env_state_scale(data: Any) -> tuple[list[str], np.ndarray]:
+    """The environment state's coordinate names and the std that turns normalized units back into the data's."""
+    from physis.data.mixture import ENV_STATE
+    from physis.data.stats import stats_from_json
+
+    ds = data.mixture.datasets[0]
+    width = int(ds.features[ENV_STATE]["shape"][0])
+    names = ds.features[ENV_STATE].get("names") or [f"{i}" for i in range(width)]
+    own = next(iter(data.stats.values()))["stats"]
+    return names, np.maximum(np.asarray(stats_from_json(own)[ENV_STATE]["std"], dtype=np.float64), 1e-8)
 
 
 def _env_state_residuals(model: Any, batch: dict[str, torch.Tensor], cache: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -145,21 +151,66 @@ def _env_state_residuals(model: Any, batch: dict[str, torch.Tensor], cache: Any)
 
 
 def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
-    """The environment-state errors over every episode's first `cfg.first_frames` frames (all of them, in order)."""
-    frame_index = np.asarray(data.mixture.datasets[0].columns["frame_index"])
+    """The environment-state errors over every episode's first `cfg.first_frames` frames (all of them, in order),
+    overall and, for datasets `physis collect` made, per task."""
+    ds = data.mixture.datasets[0]
+    frame_index = np.asarray(ds.columns["frame_index"])
     rows = np.flatnonzero(frame_index < cfg.first_frames).tolist()
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
-    err, base = [], []
+    err, base, target = [], [], []
     with torch.no_grad():
         for raw in torch.utils.data.DataLoader(data.mixture, batch_sampler=batches):
             batch = data.to_model_batch(raw)
             e, b = _env_state_residuals(model, batch, model.encode_prefix(batch))
             err.append(e)
             base.append(b)
+            target.append((batch["env_state"] * batch["env_state_mask"].float()).numpy())
     found = _env_state_errors(np.concatenate(err), np.concatenate(base), data)
-    return {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
-            "env_state_first_frames_mae": found["env_state_mae"],
-            "env_state_first_frames_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
+    results = {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
+               "env_state_first_frames_mae": found["env_state_mae"],
+               "env_state_first_frames_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
+    tasks = _episode_tasks(ds.root)
+    if tasks is not None:
+        episode = np.asarray(ds.columns["episode_index"])[rows]
+        names, std = _env_state_scale(data)
+        results["env_state_first_frames_by_task"] = env_state_by_task(
+            np.concatenate(err), np.concatenate(target), np.array([tasks.get(int(e), "?") for e in episode]),
+            episode, names, std)
+    return results
+
+
+def _episode_tasks(root: Path) -> dict[int, str] | None:
+    """Episode index -> task name, from `collection.json`; None for datasets `physis collect` did not make."""
+    from physis.data.layout import COLLECTION_META, read_json
+
+    path = Path(root) / "meta" / COLLECTION_META
+    if not path.is_file():
+        return None
+    return {int(e["episode_index"]): str(e["task"]) for e in read_json(path).get("episodes", [])}
+
+
+def env_state_by_task(err: np.ndarray, target: np.ndarray, tasks: np.ndarray, episodes: np.ndarray,
+                      names: list[str], std: np.ndarray) -> dict[str, Any]:
+    """Per task: the mean absolute error (N, E) of the estimate and of a baseline that knows the task but not the
+    scene, the mean target of the task's *other* episodes (leave one episode out; None with a single episode).
+    Normalized inputs, results in the data's units by coordinate name."""
+    n = len(names)
+
+    def named(values: np.ndarray) -> dict[str, float]:
+        return {k: float(v) for k, v in zip(names, values[:n] * std[:n], strict=True)}
+
+    out: dict[str, Any] = {}
+    for task in sorted(set(tasks.tolist())):
+        rows = tasks == task
+        eps = episodes[rows]
+        entry: dict[str, Any] = {"episodes": len(set(eps.tolist())), "frames": int(rows.sum()),
+                                 "mae": named(err[rows].mean(0)), "task_baseline_mae": None}
+        if entry["episodes"] > 1:
+            t = target[rows]
+            others = np.stack([t[eps != e].mean(0) for e in eps])
+            entry["task_baseline_mae"] = named(np.abs(t - others).mean(0))
+        out[task] = entry
+    return out
 
 
 def _world_model(model: Any, batch: dict[str, torch.Tensor], cache: Any, gen: torch.Generator,
