@@ -102,6 +102,12 @@ def make_info(
     }
 
 
+def read_collection_meta(root: str | Path) -> dict[str, Any] | None:
+    """A dataset's meta/collection.json (how `physis collect` made it), or None for datasets it did not make."""
+    path = Path(root) / "meta" / COLLECTION_META
+    return read_json(path) if path.is_file() else None
+
+
 def read_json(path: Path) -> Any:
     if not path.is_file():
         raise DatasetFormatError(f"{path}: file is missing")

@@ -165,7 +165,8 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
             err.append(e)
             base.append(b)
             target.append((batch["env_state"] * batch["env_state_mask"].float()).numpy())
-    found = _env_state_errors(np.concatenate(err), np.concatenate(base), data)
+    errors = np.concatenate(err)
+    found = _env_state_errors(errors, np.concatenate(base), data)
     results = {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
                "env_state_first_frames_mae": found["env_state_mae"],
                "env_state_first_frames_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
@@ -174,19 +175,19 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
         episode = np.asarray(ds.columns["episode_index"])[rows]
         names, std = _env_state_scale(data)
         results["env_state_first_frames_by_task"] = env_state_by_task(
-            np.concatenate(err), np.concatenate(target), np.array([tasks.get(int(e), "?") for e in episode]),
+            errors, np.concatenate(target), np.array([tasks.get(int(e), "?") for e in episode]),
             episode, names, std)
     return results
 
 
 def _episode_tasks(root: Path) -> dict[int, str] | None:
     """Episode index -> task name, from `collection.json`; None for datasets `physis collect` did not make."""
-    from physis.data.layout import COLLECTION_META, read_json
+    from physis.data.layout import read_collection_meta
 
-    path = Path(root) / "meta" / COLLECTION_META
-    if not path.is_file():
+    meta = read_collection_meta(root)
+    if meta is None:
         return None
-    return {int(e["episode_index"]): str(e["task"]) for e in read_json(path).get("episodes", [])}
+    return {int(e["episode_index"]): str(e["task"]) for e in meta.get("episodes", [])}
 
 
 def env_state_by_task(err: np.ndarray, target: np.ndarray, tasks: np.ndarray, episodes: np.ndarray,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from physis.data.layout import COLLECTION_META, DatasetFormatError, read_json
+from physis.data.layout import DatasetFormatError, read_collection_meta, read_json
 from physis.data.mixture import ENV_STATE, DatasetMixture, MixtureSource
 from physis.data.stats import Normalizer, merge_stats, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
@@ -60,10 +60,8 @@ def embodiment_for(root: str | Path, override: str | Path | None = None) -> Embo
 
 def _openings_only(root: str | Path) -> bool:
     """Whether `physis collect --max-frames` recorded this dataset (each episode only up to a frame limit)."""
-    meta = Path(root) / "meta" / COLLECTION_META
-    if not meta.is_file():
-        return False
-    return bool((read_json(meta).get("config") or {}).get("max_frames"))
+    meta = read_collection_meta(root)
+    return meta is not None and bool((meta.get("config") or {}).get("max_frames"))
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
