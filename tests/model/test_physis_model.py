@@ -149,6 +149,34 @@ def test_invalid_futures_and_subtasks_get_no_loss() -> None:
     assert changed["action"].item() == pytest.approx(dropped["action"].item(), abs=1e-6)  # actions ignore it too
 
 
+def test_world_model_fraction_computes_its_losses_on_the_first_rows() -> None:
+    model, batch = model_and_batch(world_model_fraction=0.34)  # 2 of the 3 rows
+    full = PhysisModel(make_config())
+    full.load_state_dict(model.state_dict())
+    first = {k: v[:2] for k, v in batch.items()}
+    torch.manual_seed(2)
+    thin = model(batch)
+    torch.manual_seed(2)
+    ref = full(first)
+    assert thin["recon"].item() == pytest.approx(ref["recon"].item(), rel=1e-5)
+    future = batch["future_images"].clone()
+    future[2] = 1.0 - future[2]  # the third row's future (valid only for the full model's rows) is not read
+    future_valid = torch.ones(B, dtype=torch.bool)
+    torch.manual_seed(2)
+    a = model({**batch, "future_valid": future_valid})
+    torch.manual_seed(2)
+    b = model({**batch, "future_valid": future_valid, "future_images": future})
+    assert a["world_model"].item() == pytest.approx(b["world_model"].item(), abs=1e-6)
+    assert a["action"].item() == pytest.approx(b["action"].item(), abs=1e-6)
+    torch.manual_seed(2)
+    c = full({**batch, "future_valid": future_valid, "future_images": future})
+    torch.manual_seed(2)
+    d = full({**batch, "future_valid": future_valid})
+    assert c["world_model"].item() != pytest.approx(d["world_model"].item(), abs=1e-6)  # the full model reads it
+    with pytest.raises(ValueError, match="world_model_fraction"):
+        make_config(world_model_fraction=0.0)
+
+
 def joint_velocity(model: PhysisModel, batch, x, t, subtask_ids=None) -> torch.Tensor:
     """Reference: prefix, subtask and action tokens in one sequence under the full block mask, no cache."""
     tokens, mask, _, _ = model.prefix(batch)

@@ -89,3 +89,17 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, first_frames=0))
     with pytest.raises(TrainSetupError, match="set --env-state-weight too"):
         build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_first_frames=True))
+
+
+def test_a_world_model_fraction_trains_and_is_saved_and_bad_ones_are_refused(tiny_run, tmp_path, capsys):
+    _, cmd, _ = tiny_run
+    thin = dataclasses.replace(cmd, out=tmp_path / "thin", steps=2, save_every=2, world_model_fraction=0.5)
+    summary = train(thin)
+    assert "world_model" in summary["final_losses"] and "recon" in summary["final_losses"]
+    assert load_checkpoint(thin.out, training_state=False).config["model"]["world_model_fraction"] == 0.5
+    for args, message in ((["--world-model-fraction", "0"], "--world-model-fraction must be in (0, 1], got 0.0"),
+                          (["--world-model-fraction", "0.5", "--no-world-model"], "drop --no-world-model")):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *args])
+        assert e.value.code == 2
+        assert message in " ".join(capsys.readouterr().out.split())  # the console wraps long lines

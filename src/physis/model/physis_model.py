@@ -303,25 +303,33 @@ class PhysisModel(nn.Module):
     def _world_model_losses(
         self, batch: Batch, cache: PrefixCache, actions: torch.Tensor, feats: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flow matching on the future frame's latent (stop-gradient target) + reconstruction of current frames."""
+        """Flow matching on the future frame's latent (stop-gradient target) + reconstruction of current frames,
+        on the batch's first `world_model_fraction` rows."""
         images, cam_mask = batch["images"], batch["image_mask"].bool()  # (B, C, T, 3, h, w), (B, C)
         b, c, t = images.shape[:3]
+        feats = feats.view(b, c, t, *feats.shape[1:])
+        future_images, future_valid = batch["future_images"], batch["future_valid"]
+        rows = max(1, math.ceil(self.config.world_model_fraction * b))
+        if rows < b:
+            images, cam_mask, feats, actions = images[:rows], cam_mask[:rows], feats[:rows], actions[:rows]
+            future_images, future_valid, cache = future_images[:rows], future_valid[:rows], cache.head(rows)
+            b = rows
         enc = self.prefix.patches
         # reconstruction of the newest current frame teaches the encoder's latent + decoder to keep the image
-        current = feats.view(b, c, t, *feats.shape[1:])[:, :, -1].flatten(0, 1)
+        current = feats[:, :, -1].flatten(0, 1)
         recon = self.decoder(enc.latent(current)).view(b, c, *images.shape[-3:])
         recon_err = (recon - images[:, :, -1]).square().mean(dim=(2, 3, 4))
         recon_loss = masked_mean(recon_err, cam_mask)
 
         with torch.no_grad():
-            target = enc.latent(enc.features(batch["future_images"].flatten(0, 1)))  # (B*C, G, ld)
+            target = enc.latent(enc.features(future_images.flatten(0, 1)))  # (B*C, G, ld)
         target = target.view(b, -1, target.shape[-1])  # (B, C*G, ld)
         noise = torch.randn_like(target)
         tau = sample_flow_time(b, target.device)
         z = tau[:, None, None] * noise + (1 - tau[:, None, None]) * target
         err = (self._future_velocity(cache, actions, z, tau) - (noise - target)).square().mean(-1)  # (B, C*G)
         g = target.shape[1] // c
-        valid = (cam_mask & batch["future_valid"].bool()[:, None])[:, :, None].expand(b, c, g).reshape(b, -1)
+        valid = (cam_mask & future_valid.bool()[:, None])[:, :, None].expand(b, c, g).reshape(b, -1)
         return masked_mean(err, valid), recon_loss
 
     # ------------------------------------------------------------------ inference

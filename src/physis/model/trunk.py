@@ -128,6 +128,23 @@ class PrefixCache:
             subtask_ids=None,
         )
 
+    def head(self, n: int) -> PrefixCache:
+        """The cache of the first n rows (a subset of the batch a training loss is computed on)."""
+
+        def first(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:n]
+
+        return replace(
+            self,
+            keys=[k[:n] for k in self.keys],
+            values=[v[:n] for v in self.values],
+            mask=self.mask[:n],
+            pooled=self.pooled[:n],
+            action_mask=self.action_mask[:n],
+            subtask_ids=first(self.subtask_ids),
+            env_state=first(self.env_state),
+        )
+
     def repeat(self, n: int) -> PrefixCache:
         """Each row repeated n times (row i -> rows i*n .. i*n+n-1), for sampling n candidates per observation."""
 

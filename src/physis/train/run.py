@@ -39,6 +39,9 @@ class TrainCommand:
     device: str = "cpu"  # cpu, cuda, cuda:1, mps, ...
     action_head: Literal["flow", "mse"] = "flow"  # mse: the deterministic ablation
     world_model: bool = True
+    # the world-model losses on this fraction of each batch: most of the head's cost per step at a fraction
+    # of its samples (1: every sample)
+    world_model_fraction: float = 1.0
     subtask: bool = True
     progress_head: bool = True
     horizon: int = 16
@@ -92,6 +95,11 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     if cmd.env_state_first_frames and not cmd.env_state_weight:
         raise TrainSetupError("--env-state-first-frames restricts the environment-state target, which is off: "
                               "set --env-state-weight too")
+    if not 0 < cmd.world_model_fraction <= 1:
+        raise TrainSetupError(f"--world-model-fraction must be in (0, 1], got {cmd.world_model_fraction}")
+    if cmd.world_model_fraction < 1 and not cmd.world_model:
+        raise TrainSetupError("--world-model-fraction thins the world-model losses, which are off: drop "
+                              "--no-world-model or the fraction")
     if cmd.localizer and not cmd.env_state_weight:
         raise TrainSetupError("--localizer estimates the environment state, whose target is off: set "
                               "--env-state-weight too")
@@ -125,6 +133,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         subtask=cmd.subtask, progress=cmd.progress_head, subtask_vocab=tuple(data.vocab.words),
         **({"patch_size": cmd.patch_size} if cmd.patch_size else {}),
         **({"expert_depth": cmd.expert_depth} if cmd.expert_depth else {}),
+        **({"world_model_fraction": cmd.world_model_fraction} if cmd.world_model_fraction < 1 else {}),
         **({"stem_blocks": cmd.stem_blocks} if cmd.stem_blocks is not None else {}),
         **({"keypoints": cmd.keypoints} if cmd.keypoints is not None else {}), **env_state, **cmd.overrides)
     model = PhysisModel(model_cfg)
