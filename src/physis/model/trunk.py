@@ -9,6 +9,7 @@ trunk never sees action tokens, so its per-layer K/V can be computed once per ob
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -130,36 +131,27 @@ class PrefixCache:
 
     def head(self, n: int) -> PrefixCache:
         """The cache of the first n rows (a subset of the batch a training loss is computed on)."""
-
-        def first(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[:n]
-
-        return replace(
-            self,
-            keys=[k[:n] for k in self.keys],
-            values=[v[:n] for v in self.values],
-            mask=self.mask[:n],
-            pooled=self.pooled[:n],
-            action_mask=self.action_mask[:n],
-            subtask_ids=first(self.subtask_ids),
-            env_state=first(self.env_state),
-        )
+        return self._map_rows(lambda x: x[:n])
 
     def repeat(self, n: int) -> PrefixCache:
         """Each row repeated n times (row i -> rows i*n .. i*n+n-1), for sampling n candidates per observation."""
+        return self._map_rows(lambda x: x.repeat_interleave(n, dim=0))
 
-        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.repeat_interleave(n, dim=0)
+    def _map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PrefixCache:
+        """The cache with fn applied to every per-row tensor (the batch dimension first)."""
+
+        def opt(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else fn(x)
 
         return replace(
             self,
-            keys=[rep(k) for k in self.keys],
-            values=[rep(v) for v in self.values],
-            mask=rep(self.mask),
-            pooled=rep(self.pooled),
-            action_mask=rep(self.action_mask),
-            subtask_ids=rep(self.subtask_ids),
-            env_state=rep(self.env_state),
+            keys=[fn(k) for k in self.keys],
+            values=[fn(v) for v in self.values],
+            mask=fn(self.mask),
+            pooled=fn(self.pooled),
+            action_mask=fn(self.action_mask),
+            subtask_ids=opt(self.subtask_ids),
+            env_state=opt(self.env_state),
         )
 
 
