@@ -100,6 +100,21 @@ def test_the_localizer_estimates_the_environment_state_from_keypoints_and_feeds_
     assert torch.equal(model.encode_prefix(batch, pooled=False).env_state, located)
 
 
+def test_the_localizer_state_option_projects_the_estimate_with_the_state_but_estimates_without_it() -> None:
+    torch.manual_seed(0)
+    cfg = make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_state=True)
+    model = PhysisModel(cfg).eval()
+    assert model.prefix.localizer_in.in_features == 3 + 2 * cfg.state_dim
+    batch = make_batch(cfg)
+    moved = {**batch, "state": batch["state"] + 1.0}
+    tokens, _, _, located = model.prefix(batch)
+    tokens_moved, _, _, located_moved = model.prefix(moved)
+    assert torch.equal(located, located_moved)  # the estimate never reads the hand
+    assert not torch.allclose(tokens[:, -1], tokens_moved[:, -1])  # its token does
+    with pytest.raises(ValueError, match="localizer_state projects"):
+        make_config(keypoints=4, env_state_dim=3, localizer_state=True)
+
+
 def test_the_localizer_needs_keypoints_and_an_environment_state() -> None:
     with pytest.raises(ValueError, match="localizer needs keypoints"):
         make_config(env_state_dim=3, localizer=True)

@@ -61,14 +61,36 @@ def test_policy_outputs_native_actions_within_limits(run):
     env.close()
 
 
+def test_the_noise_scale_tempers_the_flow_noise(run):
+    root, _, _ = run
+    policy, env, obs = _policy_and_reach_env(run)
+    chunks = {}
+    for scale in (1.0, 0.0):
+        for seed in (0, 1):
+            policy.noise_scale = scale
+            policy.session = policy.new_session(seed)
+            chunks[scale, seed] = policy.infer(obs)["actions"]
+    assert not np.allclose(chunks[1.0, 0], chunks[1.0, 1])  # sampled: the seed matters
+    np.testing.assert_allclose(chunks[0.0, 0], chunks[0.0, 1])  # no noise: one deterministic chunk
+    with pytest.raises(ValueError, match="noise_scale must be a finite number >= 0"):
+        Policy.from_checkpoint(root / "run", noise_scale=-0.5)
+    with pytest.raises(ValueError, match="--noise-scale scales a checkpoint's flow noise"):
+        evaluate(EvalConfig(suite="metaworld/mt10", out=root / "unused", noise_scale=0.5))
+    with pytest.raises(ValueError, match="--noise-scale must be a finite number"):
+        evaluate(EvalConfig(suite="metaworld/mt10", out=root / "unused", checkpoint=root / "run",
+                            noise_scale=float("nan")))
+    env.close()
+
+
 def test_eval_runs_a_checkpoint(run, tmp_path):
     root, _, _ = run
     results = evaluate(EvalConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path,
                                   checkpoint=root / "run", workers=1, image_size=32, max_steps=10, videos=0,
-                                  progress=False))
+                                  noise_scale=0.5, progress=False))
     task = results["tasks"]["reach-v3"]
     assert task["errors"] == 0, task["error_examples"]
     assert task["mean_length"] == 10 and results["policy"] == "checkpoint"
+    assert results["noise_scale"] == 0.5
 
 
 def test_eval_heads_reports_every_head(run):

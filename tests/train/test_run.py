@@ -31,16 +31,19 @@ def test_training_on_a_camera_subset_gives_a_policy_that_asks_for_those_cameras(
     assert policy.infer(obs)["actions"].shape[0] == cmd.horizon
 
 
-@pytest.mark.parametrize("localizer", [False, True])
-def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ignores_it(tiny_run, tmp_path, localizer):
+@pytest.mark.parametrize(("localizer", "localizer_state"), [(False, False), (True, False), (True, True)])
+def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ignores_it(tiny_run, tmp_path, localizer,
+                                                                                        localizer_state):
     _, cmd, _ = tiny_run
     aux = dataclasses.replace(cmd, out=tmp_path / "aux", steps=2, save_every=2, env_state_weight=2.0,
-                              first_frames_weight=3.0, localizer=localizer, keypoints=4 if localizer else None)
+                              first_frames_weight=3.0, localizer=localizer, keypoints=4 if localizer else None,
+                              localizer_state=localizer_state)
     summary = train(aux)
     assert "env_state" in summary["final_losses"]
     config = load_checkpoint(aux.out, training_state=False).config
     assert config["model"]["env_state_dim"] == 6 and config["model"]["env_state_weight"] == 2.0
     assert config["model"]["localizer"] is localizer
+    assert config["model"]["localizer_state"] is localizer_state
     assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
     obs = example_observation(aux.out)
     assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
@@ -83,6 +86,8 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, env_state_weight=0.0, keypoints=8, localizer=True))
     with pytest.raises(TrainSetupError, match="set --keypoints K too"):
         build(dataclasses.replace(cmd, localizer=True))
+    with pytest.raises(TrainSetupError, match="set --localizer too"):
+        build(dataclasses.replace(cmd, localizer_state=True))
     with pytest.raises(TrainSetupError, match="--first-frames-weight must be a positive number"):
         build(dataclasses.replace(cmd, first_frames_weight=0.0))
     with pytest.raises(TrainSetupError, match="--first-frames must be >= 1"):

@@ -10,6 +10,7 @@ episode with the reason recorded; the evaluation goes on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import sys
@@ -50,6 +51,9 @@ class EvalConfig:
     # a checkpoint's chunks run open_loop, ensembled (ACT's temporal ensembling) or by rtc (real-time chunking),
     # a new chunk every --replan-every steps
     execution: Literal["open_loop", "ensemble", "rtc"] = "open_loop"
+    # a checkpoint's flow sampling temperature: the starting noise's scale (1: the learned distribution; below 1
+    # leans toward its modes; 0: deterministic)
+    noise_scale: float = 1.0
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
     image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
@@ -86,6 +90,8 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
         policy = _policy(cfg, env)  # after the reset: experts read the episode's simulator state
         if cfg.execution != "open_loop":
             policy.execution = ExecutionConfig(cfg.execution, execute=cfg.replan_every or None)
+        if cfg.checkpoint is not None and not cfg.server:
+            policy.noise_scale = cfg.noise_scale
         policy.reset()
         done = False
         while not done and cfg.execution != "open_loop":  # one action at a time, as a robot runs it
@@ -196,6 +202,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.execution != "open_loop" and (cfg.checkpoint is None or cfg.server):
         raise ValueError(f"--execution {cfg.execution} runs a checkpoint's Policy in process: pass --checkpoint "
                          "(and no --server)")
+    if not (cfg.noise_scale >= 0 and math.isfinite(cfg.noise_scale)):
+        raise ValueError(f"--noise-scale must be a finite number >= 0, got {cfg.noise_scale}")
+    if cfg.noise_scale != 1.0 and (cfg.checkpoint is None or cfg.server):
+        raise ValueError("--noise-scale scales a checkpoint's flow noise in process: pass --checkpoint (and no --server)")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
     if cfg.checkpoint is not None and not cfg.cameras:
@@ -248,6 +258,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "seed_ranges": seed_ranges(),
         "replan_every": cfg.replan_every,
         "execution": cfg.execution,
+        "noise_scale": cfg.noise_scale,
         "image_size": cfg.image_size,
         "cameras": rendered_cameras(cfg),
         "max_steps": cfg.max_steps or None,

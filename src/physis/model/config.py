@@ -64,6 +64,10 @@ class ModelConfig:
     # instruction, and feed that estimate in as the query token: a short path from the pixels' keypoints to
     # the positions, which the route through the trunk's attention did not learn (needs keypoints, env_state_dim)
     localizer: bool = False
+    # project the localizer's estimate into the query token together with the robot's state, so that one linear
+    # map can form the object-minus-hand displacement that precise reaching needs (the estimate itself still
+    # never reads the state; needs localizer)
+    localizer_state: bool = False
     subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
     max_subtask_tokens: int = 12
     future_offset: int | None = None  # None: horizon (the frame just after the chunk)
@@ -107,6 +111,9 @@ class ModelConfig:
                 f"ModelConfig.localizer needs keypoints > 0 and env_state_dim > 0, found {self.keypoints}, "
                 f"{self.env_state_dim}"
             )
+        if self.localizer_state and not self.localizer:
+            raise ValueError("ModelConfig.localizer_state projects the localizer's estimate, which is off: set "
+                             "localizer=True too")
         if not 0 < self.world_model_fraction <= 1:
             raise ValueError(f"ModelConfig.world_model_fraction: expected a fraction in (0, 1], found "
                              f"{self.world_model_fraction}")

@@ -141,7 +141,7 @@ class PrefixTokenizer(nn.Module):
         if cfg.localizer:
             inputs = cfg.cameras * cfg.history * 2 * cfg.keypoints + cfg.text_dim
             self.localizer = nn.Sequential(nn.Linear(inputs, 2 * d), nn.GELU(), nn.Linear(2 * d, cfg.env_state_dim))
-            self.localizer_in = nn.Linear(cfg.env_state_dim, d)
+            self.localizer_in = nn.Linear(cfg.env_state_dim + (2 * cfg.state_dim if cfg.localizer_state else 0), d)
         for p in (self.patch_pos, self.camera_emb, self.time_emb, self.text_pos):
             nn.init.normal_(p, std=0.02)
 
@@ -187,7 +187,8 @@ class PrefixTokenizer(nn.Module):
             query = self.env_query.expand(b, 1, -1).to(emb_tok.dtype)
             if self.cfg.localizer:
                 located = self._locate(points, text, batch["text_mask"], c)
-                query = query + self.localizer_in(located)[:, None]
+                projected = torch.cat([located, state.to(located.dtype)], -1) if self.cfg.localizer_state else located
+                query = query + self.localizer_in(projected)[:, None]
             last.append(query)
         tokens = torch.cat([tok, text_tok, *last], dim=1)
         ones = torch.ones(b, len(last), dtype=torch.bool, device=tokens.device)

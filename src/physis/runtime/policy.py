@@ -17,6 +17,7 @@ real-time chunking, `physis.runtime.execution`); `backend` picks how the model r
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,13 +68,14 @@ class Policy:
     def __init__(self, model: Any, meta: dict[str, Any], stats: dict[str, Any], embodiment: str | None = None,
                  flow_steps: int | None = None, text_encoder: Any = None, seed: int = 0, backend: str = "eager",
                  execution: ExecutionConfig | None = None, backend_options: dict[str, Any] | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", noise_scale: float = 1.0):
         """`meta` is a checkpoint's config.json (robots, unified space, cameras, data layout); `stats` its
         stats.json (normalization per robot). `backend` runs the model, with `backend_options` (for onnx:
         onnx_dir, where exported graphs are kept and reused; see physis.runtime.backends);
         `execution` is how `select_action` turns chunks into actions (see physis.runtime.execution); `device` is
         where the model runs (cpu, cuda, ...: on a GPU, backend="cuda-graph" is the fast one); observations and
-        actions stay numpy on the host."""
+        actions stay numpy on the host. `noise_scale` multiplies the flow's starting noise: 1 samples the learned
+        distribution, below 1 leans toward its modes (a sampling temperature), 0 is deterministic."""
         from physis.model.text import TextEncoder
         from physis.model.vocab import SubtaskVocab
 
@@ -99,6 +101,9 @@ class Policy:
         data = meta["data"]
         self.image_size, self.history = int(data["image_size"]), int(data["history"])
         self.flow_steps = flow_steps
+        if not (0.0 <= noise_scale and math.isfinite(noise_scale)):
+            raise ValueError(f"Policy: noise_scale must be a finite number >= 0, got {noise_scale}")
+        self.noise_scale = noise_scale
         self.text = text_encoder if text_encoder is not None else TextEncoder()
         self.vocab = SubtaskVocab(meta.get("subtask_vocab") or [])
         self.lower, self.upper = self.spec.action_limits()
@@ -274,7 +279,7 @@ class Policy:
         noise = None
         if cfg.action_head == "flow":
             noise = torch.cat([torch.randn((1, cfg.horizon, cfg.action_dim), generator=s.generator) for s in sessions])
-            noise = noise.to(dev)  # drawn on the host: the same seed gives the same chunk on any device
+            noise = (noise * self.noise_scale).to(dev)  # drawn on the host: the same seed, the same chunk anywhere
         actions = self.engine.sample_actions(steps=self.flow_steps, noise=noise, cache=cache,
                                              prefix_actions=prefix_actions, prefix_weights=prefix_weights)
         return subtasks, actions.cpu()

@@ -68,6 +68,9 @@ class TrainCommand:
     # estimate the environment state from the image keypoints and the instruction before the trunk and feed the
     # estimate in as a token; needs --keypoints and --env-state-weight
     localizer: bool = False
+    # project the localizer's estimate into its token together with the robot's state (one linear map can then
+    # form the object-minus-hand displacement); needs --localizer
+    localizer_state: bool = False
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -105,6 +108,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
                               "--env-state-weight too")
     if cmd.localizer and not cmd.keypoints:
         raise TrainSetupError("--localizer reads the image keypoints, which are off: set --keypoints K too")
+    if cmd.localizer_state and not cmd.localizer:
+        raise TrainSetupError("--localizer-state projects the localizer's estimate, which is off: set --localizer too")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -125,7 +130,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
                                   "(`physis collect` writes it for the Meta-World and pointmaze suites); "
                                   f"none of {[str(p) for p in cmd.data]} does")
         env_state = {"env_state_dim": data.env_state_dim, "env_state_weight": cmd.env_state_weight,
-                     **({"localizer": True} if cmd.localizer else {})}
+                     **({"localizer": True} if cmd.localizer else {}),
+                     **({"localizer_state": True} if cmd.localizer_state else {})}
     model_cfg = ModelConfig.preset(
         cmd.preset, action_dim=data.space.dim, state_dim=data.space.dim, horizon=cmd.horizon,
         cameras=data.num_cameras, history=cmd.history, image_size=cmd.image_size,
