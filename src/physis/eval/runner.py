@@ -205,7 +205,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if not (cfg.noise_scale >= 0 and math.isfinite(cfg.noise_scale)):
         raise ValueError(f"--noise-scale must be a finite number >= 0, got {cfg.noise_scale}")
     if cfg.noise_scale != 1.0 and (cfg.checkpoint is None or cfg.server):
-        raise ValueError("--noise-scale scales a checkpoint's flow noise in process: pass --checkpoint (and no --server)")
+        raise ValueError("--noise-scale scales a checkpoint's flow noise in process: pass --checkpoint "
+                         "(and no --server)")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
     if cfg.checkpoint is not None and not cfg.cameras:
