@@ -101,7 +101,7 @@ class Policy:
         data = meta["data"]
         self.image_size, self.history = int(data["image_size"]), int(data["history"])
         self.flow_steps = flow_steps
-        if not (0.0 <= noise_scale and math.isfinite(noise_scale)):
+        if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
             raise ValueError(f"Policy: noise_scale must be a finite number >= 0, got {noise_scale}")
         self.noise_scale = noise_scale
         self.text = text_encoder if text_encoder is not None else TextEncoder()
