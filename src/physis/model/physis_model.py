@@ -516,12 +516,14 @@ class PhysisModel(nn.Module):
     def _flow_velocity(self, flow: FlowContext, x: torch.Tensor, step: int) -> torch.Tensor:
         """`predict_velocity` at the flow context's step `step`: the same numbers up to rounding, without the
         per-step concatenations, time embedding and mask building."""
-        tok = F.linear(x.to(flow.w_x.dtype), flow.w_x) + flow.mask_term
+        dtype = flow.w_x.dtype
+        tok = F.linear(x if x.dtype == dtype else x.to(dtype), flow.w_x) + flow.mask_term
         h = F.silu(F.linear(tok, flow.w_tok) + flow.time_terms[step])
         h = F.linear(h, self.action_time[2].weight) + flow.out_term
         for block, kb, vb in zip(self.expert, flow.keys, flow.values, strict=True):
             h = block.forward_cached(h, flow.mask, kb, vb, flow.n_ctx)
-        return self.action_out(self.expert_norm(h)).to(x.dtype)
+        out = self.action_out(self.expert_norm(h))
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     @torch.inference_mode()
     def predict_progress(self, cache: PrefixCache) -> torch.Tensor:

@@ -39,7 +39,8 @@ class Block(nn.Module):
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape
         qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]  # each (B, heads, n, head_dim)
+        q, k, v = qkv.unbind(0)  # each (B, heads, n, head_dim); one call where three indexings cost three
+        return q, k, v
 
     def kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of tokens x (B, n, dim) without running the block (used for a foreign backbone)."""
