@@ -31,17 +31,19 @@ def test_training_on_a_camera_subset_gives_a_policy_that_asks_for_those_cameras(
     assert policy.infer(obs)["actions"].shape[0] == cmd.horizon
 
 
-@pytest.mark.parametrize(("localizer", "localizer_state"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize(("localizer", "localizer_state", "relative"),
+                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)])
 def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ignores_it(tiny_run, tmp_path, localizer,
-                                                                                        localizer_state):
+                                                                                        localizer_state, relative):
     _, cmd, _ = tiny_run
     aux = dataclasses.replace(cmd, out=tmp_path / "aux", steps=2, save_every=2, env_state_weight=2.0,
                               first_frames_weight=3.0, localizer=localizer, keypoints=4 if localizer else None,
-                              localizer_state=localizer_state)
+                              localizer_state=localizer_state, env_state_relative=relative)
     summary = train(aux)
     assert "env_state" in summary["final_losses"]
     config = load_checkpoint(aux.out, training_state=False).config
-    assert config["model"]["env_state_dim"] == 6 and config["model"]["env_state_weight"] == 2.0
+    assert config["model"]["env_state_dim"] == (12 if relative else 6) and config["model"]["env_state_weight"] == 2.0
+    assert config["data"]["env_state_relative"] is relative
     assert config["model"]["localizer"] is localizer
     assert config["model"]["localizer_state"] is localizer_state
     assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
@@ -54,6 +56,7 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     r = evaluate_heads(HeadsConfig(checkpoint=aux.out, data=cmd.data[0], out=tmp_path / "heads", samples=8,
                                    batch_size=4, strip=1, progress=False))
     names = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
+    names += [f"{n}-robot" for n in names] if relative else []
     assert list(r["env_state_mae"]) == names and list(r["env_state_mean_baseline_mae"]) == names
     assert all(np.isfinite(v) and v >= 0 for v in r["env_state_mae"].values())
     assert max(r["env_state_mean_baseline_mae"].values()) < 1.0  # metres: rescaled from normalized units
@@ -88,6 +91,8 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, localizer=True))
     with pytest.raises(TrainSetupError, match="set --localizer too"):
         build(dataclasses.replace(cmd, localizer_state=True))
+    with pytest.raises(TrainSetupError, match="--env-state-relative extends"):
+        build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_relative=True))
     with pytest.raises(TrainSetupError, match="--first-frames-weight must be a positive number"):
         build(dataclasses.replace(cmd, first_frames_weight=0.0))
     with pytest.raises(TrainSetupError, match="--first-frames must be >= 1"):

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 
 from physis.data.layout import DatasetFormatError
 from physis.data.reader import LeRobotDataset
+from physis.data.relative import ENV_STATE, add_relative_env_state
 from physis.data.stats import Normalizer
 from physis.data.windows import steps_to_seconds
 from physis.embodiment import EmbodimentSpec, UnifiedSpace
-
-ENV_STATE = "observation.environment_state"  # LeRobot's name for privileged simulator state
 
 
 @dataclass
@@ -43,6 +42,8 @@ class MixtureSource:
     action_key: str = "action"
     cameras: Sequence[str] | None = None  # camera keys in slot order; default: the dataset's, sorted
     normalize: Mapping[str, str] = field(default_factory=dict)  # feature -> Normalizer mode
+    # append the environment state's positions relative to the robot's (`relative.add_relative_env_state`)
+    env_state_relative: bool = False
 
 
 class DatasetMixture(torch.utils.data.Dataset):
@@ -73,7 +74,7 @@ class DatasetMixture(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [len(d) for d in self.datasets])
 
     def _open(self, s: MixtureSource, history: int, chunk: int, kwargs: dict[str, Any]) -> LeRobotDataset:
-        probe = LeRobotDataset(s.root, **kwargs)
+        probe = self._read(s, kwargs)
         cams = list(s.cameras) if s.cameras is not None else sorted(probe.video_keys)
         missing = [c for c in cams if c not in probe.video_keys]
         if missing:
@@ -93,7 +94,14 @@ class DatasetMixture(torch.utils.data.Dataset):
         # the environment state is optional (a training target some datasets record); any other feature is not
         modes = {k: m for k, m in s.normalize.items() if k != ENV_STATE or k in probe.features}
         self._normalizers.append(Normalizer(probe.stats, modes) if modes else None)
-        return LeRobotDataset(s.root, delta_timestamps=deltas, **kwargs)
+        return self._read(s, {"delta_timestamps": deltas, **kwargs})
+
+    @staticmethod
+    def _read(s: MixtureSource, kwargs: dict[str, Any]) -> LeRobotDataset:
+        ds = LeRobotDataset(s.root, **kwargs)
+        if s.env_state_relative:
+            add_relative_env_state(ds, s.embodiment, ENV_STATE, s.state_key)
+        return ds
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

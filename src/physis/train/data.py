@@ -37,6 +37,8 @@ class DataConfig:
     action_norm: str = "quantile"
     max_subtask_tokens: int = 12
     cameras: tuple[str, ...] = ()  # camera names in slot order (e.g. "front"); empty: each dataset's, sorted
+    # extend the environment-state target with its positions minus the robot's (`data.relative`)
+    env_state_relative: bool = False
 
     @property
     def future(self) -> int:
@@ -115,7 +117,8 @@ class TrainingData:
         specs = [embodiment_for(r, o) for r, o in zip(roots, overrides, strict=True)]
         norm = {"observation.state": self.cfg.state_norm, "action": self.cfg.action_norm, ENV_STATE: "mean_std"}
         cams = [f"observation.images.{c}" for c in self.cfg.cameras] or None
-        sources = [MixtureSource(r, s, weight=w, cameras=cams, normalize=norm)
+        sources = [MixtureSource(r, s, weight=w, cameras=cams, normalize=norm,
+                                 env_state_relative=self.cfg.env_state_relative)
                    for r, s, w in zip(roots, specs, weights or [1.0] * len(roots), strict=True)]
         self.mixture = DatasetMixture(sources, history=self.cfg.history, chunk=self.cfg.horizon,
                                       image_size=(self.cfg.image_size, self.cfg.image_size),

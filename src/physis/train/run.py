@@ -71,6 +71,9 @@ class TrainCommand:
     # project the localizer's estimate into its token together with the robot's state (one linear map can then
     # form the object-minus-hand displacement); needs --localizer
     localizer_state: bool = False
+    # add to the environment-state target its positions relative to the robot's (object minus hand): what a
+    # camera on the hand sees, and what an approach must move by; needs --env-state-weight
+    env_state_relative: bool = False
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -110,6 +113,9 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         raise TrainSetupError("--localizer reads the image keypoints, which are off: set --keypoints K too")
     if cmd.localizer_state and not cmd.localizer:
         raise TrainSetupError("--localizer-state projects the localizer's estimate, which is off: set --localizer too")
+    if cmd.env_state_relative and not cmd.env_state_weight:
+        raise TrainSetupError("--env-state-relative extends the environment-state target, which is off: set "
+                              "--env-state-weight too")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -120,7 +126,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         space = UnifiedSpace.from_dict(base.config["unified_space"])
         vocab = SubtaskVocab(base.config["model"]["subtask_vocab"])
     data = TrainingData(list(cmd.data), DataConfig(horizon=cmd.horizon, history=cmd.history,
-                                                   image_size=cmd.image_size, cameras=tuple(cmd.cameras)),
+                                                   image_size=cmd.image_size, cameras=tuple(cmd.cameras),
+                                                   env_state_relative=cmd.env_state_relative),
                         embodiments=list(cmd.embodiments) or None, weights=list(cmd.weights) or None,
                         space=space, vocab=vocab)
     env_state: dict[str, Any] = {}
