@@ -107,29 +107,6 @@ def test_eval_heads_reports_every_head(run):
     assert json.loads((root / "heads" / "heads.json").read_text()) == r
 
 
-def test_trimming_the_instructions_padding_changes_no_output():
-    import torch
-
-    from physis.runtime.policy import trim_text_padding
-    from tests.model.test_physis_model import model_and_batch
-
-    model, batch = model_and_batch()
-    model.eval()
-    padded = {**batch, "text": torch.cat([batch["text"], torch.zeros(3, 10, 384)], 1),
-              "text_mask": torch.cat([batch["text_mask"], torch.zeros(3, 10, dtype=torch.bool)], 1)}
-    trimmed = trim_text_padding(padded)
-    assert trimmed["text"].shape[1] == 6 and trimmed["text_mask"].shape[1] == 6  # the longest instruction's
-    noise = torch.randn(3, model.config.horizon, model.config.action_dim, generator=torch.Generator().manual_seed(1))
-    outs = []
-    for b in (padded, trimmed):
-        ids, cache = model.generate_subtask(model.encode_prefix(b))
-        outs.append((ids, model.sample_actions(cache=cache, noise=noise, steps=3), cache.pooled))
-    assert torch.equal(outs[0][0], outs[1][0])
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[0][2], outs[1][2], atol=1e-5, rtol=1e-5)  # the progress head's summary
-    assert trim_text_padding(trimmed) is trimmed  # nothing left to drop
-
-
 def test_policy_encodes_only_the_instructions_own_tokens(run):
     policy, env, obs = _policy_and_reach_env(run)
     env.close()

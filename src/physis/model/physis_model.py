@@ -141,7 +141,7 @@ class PhysisModel(nn.Module):
                 keys.append(k)
                 values.append(v)
             return keys, values, self.norm(self.backbone_out(states[-1]))
-        attn = key_mask(mask, tokens.shape[1])
+        attn = key_mask(mask)  # broadcast over the queries
         x = tokens
         for i, block in enumerate(self.blocks):
             if not hidden and i == len(self.blocks) - 1:

@@ -37,7 +37,10 @@ class SpatialSoftmax(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         h, w = features.shape[-2:]
-        logits = self.maps(features).flatten(2).float() / self.log_temperature.float().exp()  # (n, K, h*w)
+        # the temperature divides the 1x1 maps' weights, not the (n, K, h*w) logits: the same logits, without
+        # two passes over the largest activation of the step (forward and backward)
+        inv_t = (-self.log_temperature).exp()
+        logits = F.conv2d(features, self.maps.weight * inv_t, self.maps.bias * inv_t).flatten(2).float()
         ys = torch.linspace(-1.0, 1.0, h, device=features.device)
         xs = torch.linspace(-1.0, 1.0, w, device=features.device)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(h * w, 2)  # (h*w, 2) as (x, y)

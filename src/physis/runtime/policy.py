@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from physis.data.stats import Normalizer, stats_from_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace
+from physis.model.text import trim_text_padding
 from physis.runtime.backends import make_engine
 from physis.runtime.execution import ChunkExecutor, ExecutionConfig
 
@@ -294,17 +295,3 @@ class Policy:
         native = np.clip(native, self.lower, self.upper)
         session.last_safe = native[-1]
         return {"actions": native}
-
-
-def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the instruction's trailing padding tokens, which no token attends to, up to the batch's longest.
-
-    The text encoder pads every instruction to the model's `max_text_tokens` (32); a typical one has 5-14
-    tokens, so the padding is about an eighth of the prefix and of every flow step's keys. Text positions are
-    per token, so the tokens kept see the same inputs: the outputs are those of the padded batch, up to rounding.
-    """
-    mask = batch["text_mask"].bool().any(0)
-    n = int(mask.nonzero().max()) + 1 if mask.any() else 1
-    if n == mask.shape[0]:
-        return batch
-    return {**batch, "text": batch["text"][:, :n], "text_mask": batch["text_mask"][:, :n]}

@@ -21,6 +21,7 @@ from physis.data.layout import DatasetFormatError, read_collection_meta, read_js
 from physis.data.mixture import ENV_STATE, DatasetMixture, MixtureSource
 from physis.data.stats import Normalizer, merge_stats, stats_from_json, stats_to_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
+from physis.model.text import trim_text_padding
 from physis.train.augment import random_shift
 
 EMBODIMENT_META = "embodiment.json"  # written by `physis collect` beside info.json
@@ -223,7 +224,7 @@ class TrainingData:
             # Clamped: a coordinate that barely moves in the data (a resting object's height) has a tiny std,
             # and one outlier would otherwise dominate the loss.
             extra = {"env_state": raw[ENV_STATE].clamp(-5.0, 5.0), "env_state_mask": raw["env_state_mask"]}
-        return {**extra,
+        return trim_text_padding({**extra,
             "images": raw["observation.images"],
             "image_mask": raw["image_mask"],
             "state": state * raw["state_mask"],
@@ -240,4 +241,4 @@ class TrainingData:
             "future_valid": ~raw["future_is_pad"],
             "progress": raw["frame_index"].float() / (length - 1).clamp(min=1),
             "progress_valid": self._progress_known[raw["embodiment_index"]],
-        }
+        })
