@@ -115,6 +115,42 @@ def test_the_localizer_state_option_projects_the_estimate_with_the_state_but_est
         make_config(keypoints=4, env_state_dim=3, localizer_state=True)
 
 
+def test_the_localizer_teacher_feeds_the_truth_to_a_fraction_of_training_rows_only() -> None:
+    torch.manual_seed(0)
+    cfg = make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_teacher=0.5)
+    model = PhysisModel(cfg)
+    n = 64
+    batch = {k: v[:1].expand(n, *v.shape[1:]).clone() for k, v in make_batch(cfg).items()}  # n equal rows
+    truth, valid = torch.randn(n, 3), torch.ones(n, 3, dtype=torch.bool)
+    valid[:, 2] = False  # a value the batch does not know keeps the estimate
+    batch.update(env_state=truth, env_state_mask=valid)
+    located = model.prefix._locate
+    fed: list[torch.Tensor] = []
+    model.prefix.localizer_in.register_forward_hook(lambda m, args, out: fed.append(args[0]))
+    model.train()
+    model.prefix(batch)
+    estimate = located(*_locator_inputs(model, batch))
+    took_truth = (fed[0][:, :2] == truth[:, :2]).all(1)
+    assert torch.equal(fed[0][took_truth, 2], estimate[took_truth, 2])
+    assert torch.allclose(fed[0][~took_truth], estimate[~took_truth])
+    assert 16 < int(took_truth.sum()) < 48  # about half of 64
+    model.eval()  # inference never sees the truth, even when a batch carries it
+    model.prefix(batch)
+    assert torch.allclose(fed[1], estimate)
+    losses = PhysisModel(make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_teacher=1.0))(batch)
+    assert torch.isfinite(losses["env_state"])  # the estimate is still what the loss trains
+    with pytest.raises(ValueError, match="localizer_teacher replaces"):
+        make_config(keypoints=4, env_state_dim=3, localizer_teacher=0.5)
+    with pytest.raises(ValueError, match="fraction in"):
+        make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_teacher=1.5)
+
+
+def _locator_inputs(model: PhysisModel, batch: dict[str, torch.Tensor]) -> tuple:
+    images = batch["images"]
+    _, points = model.prefix.patches.features_and_keypoints(images.flatten(0, 2))
+    return points, batch["text"], batch["text_mask"], images.shape[1]
+
+
 def test_the_localizer_needs_keypoints_and_an_environment_state() -> None:
     with pytest.raises(ValueError, match="localizer needs keypoints"):
         make_config(env_state_dim=3, localizer=True)

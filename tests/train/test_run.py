@@ -31,14 +31,17 @@ def test_training_on_a_camera_subset_gives_a_policy_that_asks_for_those_cameras(
     assert policy.infer(obs)["actions"].shape[0] == cmd.horizon
 
 
-@pytest.mark.parametrize(("localizer", "localizer_state", "relative"),
-                         [(False, False, False), (True, False, False), (True, True, False), (True, False, True)])
+@pytest.mark.parametrize(("localizer", "localizer_state", "relative", "teacher"),
+                         [(False, False, False, 0.0), (True, False, False, 0.0), (True, True, False, 0.0),
+                          (True, False, True, 0.5)])
 def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ignores_it(tiny_run, tmp_path, localizer,
-                                                                                        localizer_state, relative):
+                                                                                        localizer_state, relative,
+                                                                                        teacher):
     _, cmd, _ = tiny_run
     aux = dataclasses.replace(cmd, out=tmp_path / "aux", steps=2, save_every=2, env_state_weight=2.0,
                               first_frames_weight=3.0, localizer=localizer, keypoints=4 if localizer else None,
-                              localizer_state=localizer_state, env_state_relative=relative)
+                              localizer_state=localizer_state, env_state_relative=relative,
+                              localizer_teacher=teacher)
     summary = train(aux)
     assert "env_state" in summary["final_losses"]
     config = load_checkpoint(aux.out, training_state=False).config
@@ -46,6 +49,7 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert config["data"]["env_state_relative"] is relative
     assert config["model"]["localizer"] is localizer
     assert config["model"]["localizer_state"] is localizer_state
+    assert config["model"]["localizer_teacher"] == teacher
     assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
     obs = example_observation(aux.out)
     assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
@@ -91,6 +95,10 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, localizer=True))
     with pytest.raises(TrainSetupError, match="set --localizer too"):
         build(dataclasses.replace(cmd, localizer_state=True))
+    with pytest.raises(TrainSetupError, match="--localizer-teacher replaces"):
+        build(dataclasses.replace(cmd, localizer_teacher=0.5))
+    with pytest.raises(TrainSetupError, match="--localizer-teacher must be a fraction"):
+        build(dataclasses.replace(cmd, keypoints=8, localizer=True, localizer_teacher=2.0))
     with pytest.raises(TrainSetupError, match="--env-state-relative extends"):
         build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_relative=True))
     with pytest.raises(TrainSetupError, match="--first-frames-weight must be a positive number"):

@@ -68,6 +68,11 @@ class ModelConfig:
     # map can form the object-minus-hand displacement that precise reaching needs (the estimate itself still
     # never reads the state; needs localizer)
     localizer_state: bool = False
+    # in training, feed this fraction of the rows' query tokens the true environment state instead of the
+    # localizer's estimate (the loss still trains the estimate). Where the hand's path already tells the goal,
+    # an action expert trained on estimates learns to ignore the token; on the truth it learns to follow it,
+    # and then follows the estimate at inference (needs localizer)
+    localizer_teacher: float = 0.0
     subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
     max_subtask_tokens: int = 12
     future_offset: int | None = None  # None: horizon (the frame just after the chunk)
@@ -113,6 +118,12 @@ class ModelConfig:
             )
         if self.localizer_state and not self.localizer:
             raise ValueError("ModelConfig.localizer_state projects the localizer's estimate, which is off: set "
+                             "localizer=True too")
+        if not 0 <= self.localizer_teacher <= 1:
+            raise ValueError(f"ModelConfig.localizer_teacher: expected a fraction in [0, 1], found "
+                             f"{self.localizer_teacher}")
+        if self.localizer_teacher and not self.localizer:
+            raise ValueError("ModelConfig.localizer_teacher replaces the localizer's estimate, which is off: set "
                              "localizer=True too")
         if not 0 < self.world_model_fraction <= 1:
             raise ValueError(f"ModelConfig.world_model_fraction: expected a fraction in (0, 1], found "

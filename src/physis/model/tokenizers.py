@@ -190,13 +190,23 @@ class PrefixTokenizer(nn.Module):
             query = self.env_query.expand(b, 1, -1).to(emb_tok.dtype)
             if self.cfg.localizer:
                 located = self._locate(points, text, batch["text_mask"], c)
-                projected = torch.cat([located, state.to(located.dtype)], -1) if self.cfg.localizer_state else located
+                fed = self._teacher(located, batch) if self.training and self.cfg.localizer_teacher else located
+                projected = torch.cat([fed, state.to(fed.dtype)], -1) if self.cfg.localizer_state else fed
                 query = query + self.localizer_in(projected)[:, None]
             last.append(query)
         tokens = torch.cat([tok, text_tok, *last], dim=1)
         ones = torch.ones(b, len(last), dtype=torch.bool, device=tokens.device)
         mask = torch.cat([img_mask, batch["text_mask"].bool(), ones], dim=1)
         return tokens, mask, feats, located
+
+    def _teacher(self, located: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The estimate, with the true environment state in a random `localizer_teacher` fraction of the rows
+        (the values the batch marks valid; the others keep the estimate). Batches without the target pass as is."""
+        if "env_state" not in batch:
+            return located
+        rows = torch.rand(located.shape[0], 1, device=located.device) < self.cfg.localizer_teacher
+        use = rows & batch["env_state_mask"].bool()
+        return torch.where(use, batch["env_state"].to(located.dtype), located)
 
     def _locate(self, points: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cameras: int) -> torch.Tensor:
         """The localizer's estimate (B, env_state_dim) from the keypoints and the mean instruction token. Not from

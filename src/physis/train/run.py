@@ -74,6 +74,10 @@ class TrainCommand:
     # add to the environment-state target its positions relative to the robot's (object minus hand): what a
     # camera on the hand sees, and what an approach must move by; needs --env-state-weight
     env_state_relative: bool = False
+    # feed this fraction of training rows the true environment state in place of the localizer's estimate, so
+    # the action expert learns to follow the token rather than read the goal off the hand's path; needs
+    # --localizer. 0: off
+    localizer_teacher: float = 0.0
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -113,6 +117,11 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         raise TrainSetupError("--localizer reads the image keypoints, which are off: set --keypoints K too")
     if cmd.localizer_state and not cmd.localizer:
         raise TrainSetupError("--localizer-state projects the localizer's estimate, which is off: set --localizer too")
+    if not 0 <= cmd.localizer_teacher <= 1:
+        raise TrainSetupError(f"--localizer-teacher must be a fraction in [0, 1] (0: off), got {cmd.localizer_teacher}")
+    if cmd.localizer_teacher and not cmd.localizer:
+        raise TrainSetupError("--localizer-teacher replaces the localizer's estimate, which is off: set "
+                              "--localizer too")
     if cmd.env_state_relative and not cmd.env_state_weight:
         raise TrainSetupError("--env-state-relative extends the environment-state target, which is off: set "
                               "--env-state-weight too")
@@ -138,7 +147,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
                                   f"none of {[str(p) for p in cmd.data]} does")
         env_state = {"env_state_dim": data.env_state_dim, "env_state_weight": cmd.env_state_weight,
                      **({"localizer": True} if cmd.localizer else {}),
-                     **({"localizer_state": True} if cmd.localizer_state else {})}
+                     **({"localizer_state": True} if cmd.localizer_state else {}),
+                     **({"localizer_teacher": cmd.localizer_teacher} if cmd.localizer_teacher else {})}
     model_cfg = ModelConfig.preset(
         cmd.preset, action_dim=data.space.dim, state_dim=data.space.dim, horizon=cmd.horizon,
         cameras=data.num_cameras, history=cmd.history, image_size=cmd.image_size,
