@@ -9,7 +9,8 @@
 - environment state (the auxiliary head, where the checkpoint has one and the data records it): mean absolute
   error per coordinate in the data's units (metres), beside the baseline that always answers the mean; the
   same over every episode's first `first_frames` frames alone, where a policy cannot yet read the goal from
-  how far the hand has come along a demonstrated path and has to find it in the pixels.
+  how far the hand has come along a demonstrated path and has to find it in the pixels. With a localizer, also
+  the action error there with its estimate and with the true state in its token: does the expert follow it?
 
 Use demonstrations the checkpoint did not train on, e.g. `physis collect ... --seed 500000`.
 """
@@ -170,14 +171,45 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
     results = {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
                "env_state_first_frames_mae": found["env_state_mae"],
                "env_state_first_frames_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
+    followed = _actions_with_true_state(model, data, batches, cfg.seed) if model.config.localizer else None
+    if followed is not None:
+        results["first_frames_action_mse"] = {k: float(v.mean()) for k, v in followed.items()}
     tasks = _episode_tasks(ds.root)
     if tasks is not None:
         episode = np.asarray(ds.columns["episode_index"])[rows]
         names, std = _env_state_scale(data)
-        results["env_state_first_frames_by_task"] = env_state_by_task(
-            errors, np.concatenate(target), np.array([tasks.get(int(e), "?") for e in episode]),
-            episode, names, std)
+        task_of_row = np.array([tasks.get(int(e), "?") for e in episode])
+        by_task = env_state_by_task(errors, np.concatenate(target), task_of_row, episode, names, std)
+        for task, entry in by_task.items() if followed is not None else ():
+            entry["action_mse"] = {k: float(v[task_of_row == task].mean()) for k, v in followed.items()}
+        results["env_state_first_frames_by_task"] = by_task
     return results
+
+
+def _actions_with_true_state(model: Any, data: Any, batches: list[list[int]], seed: int) -> dict[str, np.ndarray]:
+    """Per row, the error of a sampled chunk against the demonstrated one (normalized units) with the localizer's
+    estimate in its token ("estimate") and with the true environment state there ("true_env_state"), on the same
+    noise. Their gap is what a perfect localizer would change; none means the action expert ignores the token."""
+    out: dict[str, list[np.ndarray]] = {"estimate": [], "true_env_state": []}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for raw in torch.utils.data.DataLoader(data.mixture, batch_sampler=batches):
+            batch = data.to_model_batch(raw)
+            noise = torch.randn(batch["actions"].shape[0], model.config.horizon, model.config.action_dim,
+                                generator=gen)
+            for key, truth in (("estimate", False), ("true_env_state", True)):
+                model.prefix.feed_truth = truth
+                try:
+                    cache = model.encode_prefix(batch)
+                    if model.config.subtask:
+                        _, cache = model.generate_subtask(cache)
+                    actions = model.sample_actions(noise=noise, cache=cache)
+                finally:
+                    model.prefix.feed_truth = False
+                valid = batch["action_mask"][:, None].float() * (~batch["action_is_pad"])[..., None].float()
+                per_row = ((actions - batch["actions"]).square() * valid).sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
+                out[key].append(per_row.numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _episode_tasks(root: Path) -> dict[int, str] | None:

@@ -147,6 +147,9 @@ class PrefixTokenizer(nn.Module):
             self.localizer_in = nn.Linear(cfg.env_state_dim + (2 * cfg.state_dim if cfg.localizer_state else 0), d)
         for p in (self.patch_pos, self.camera_emb, self.time_emb, self.text_pos):
             nn.init.normal_(p, std=0.02)
+        # diagnostics only (`physis eval-heads`): every row's token gets the batch's true environment state, to
+        # measure what a perfect localizer would change in the actions. Never set by a policy
+        self.feed_truth = False
 
     def forward(
         self, batch: dict[str, torch.Tensor]
@@ -190,7 +193,12 @@ class PrefixTokenizer(nn.Module):
             query = self.env_query.expand(b, 1, -1).to(emb_tok.dtype)
             if self.cfg.localizer:
                 located = self._locate(points, text, batch["text_mask"], c)
-                fed = self._teacher(located, batch) if self.training and self.cfg.localizer_teacher else located
+                if self.feed_truth:
+                    fed = self._teacher(located, batch, 1.0)
+                elif self.training and self.cfg.localizer_teacher:
+                    fed = self._teacher(located, batch, self.cfg.localizer_teacher)
+                else:
+                    fed = located
                 projected = torch.cat([fed, state.to(fed.dtype)], -1) if self.cfg.localizer_state else fed
                 query = query + self.localizer_in(projected)[:, None]
             last.append(query)
@@ -199,12 +207,12 @@ class PrefixTokenizer(nn.Module):
         mask = torch.cat([img_mask, batch["text_mask"].bool(), ones], dim=1)
         return tokens, mask, feats, located
 
-    def _teacher(self, located: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The estimate, with the true environment state in a random `localizer_teacher` fraction of the rows
-        (the values the batch marks valid; the others keep the estimate). Batches without the target pass as is."""
+    def _teacher(self, located: torch.Tensor, batch: dict[str, torch.Tensor], fraction: float) -> torch.Tensor:
+        """The estimate, with the true environment state in a random `fraction` of the rows (the values the batch
+        marks valid; the others keep the estimate). Batches without the target pass as is."""
         if "env_state" not in batch:
             return located
-        rows = torch.rand(located.shape[0], 1, device=located.device) < self.cfg.localizer_teacher
+        rows = torch.rand(located.shape[0], 1, device=located.device) < fraction  # [0, 1): all rows at 1
         use = rows & batch["env_state_mask"].bool()
         return torch.where(use, batch["env_state"].to(located.dtype), located)
 
