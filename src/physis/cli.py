@@ -21,6 +21,7 @@ from physis.runtime.bench_latency import LatencyBenchConfig
 from physis.runtime.bench_serve import ServeBenchConfig
 from physis.runtime.server import ServeConfig, ServeError
 from physis.sim.collect import CollectConfig
+from physis.train.benchmark import TrainBenchConfig
 from physis.train.run import TrainCommand
 
 console = Console()
@@ -84,6 +85,26 @@ def bench_data(cfg: DataBenchConfig) -> None:
     console.print(table)
     console.print(f"decoding the mp4 files into the frame cache took {result['decode_into_cache_s']:.1f}s; "
                   f"results in {cfg.out / 'results.json'}")
+
+
+def bench_train(cfg: TrainBenchConfig) -> None:
+    """Training samples per second of a `physis train` configuration: the step, the loader, the operations."""
+    from physis.train.benchmark import run
+
+    r = run(cfg)
+    console.print(f"[bold]physis bench train[/]: {r['parameters']:,} parameters, batch {r['batch_size']}, "
+                  f"{r['machine']['torch_threads']} threads", highlight=False)
+    console.print(f"optimizer step p50 {r['step_ms']['p50']:.0f} ms (min {r['step_ms']['min']:.0f}, max "
+                  f"{r['step_ms']['max']:.0f}): [bold]{r['samples_per_s']:.1f} samples/s[/]; the loader alone "
+                  f"{r['loader_samples_per_s']:.0f} samples/s; peak memory {r['peak_rss_mb']:,.0f} MB", highlight=False)
+    if "operations" in r:
+        table = Table(title="where a step goes (self CPU time)")
+        for col in ("operation", "calls/step", "ms/step", "share"):
+            table.add_column(col, justify="left" if col == "operation" else "right")
+        for op in r["operations"]:
+            table.add_row(op["name"], f"{op['calls_per_step']:.0f}", f"{op['ms_per_step']:.1f}", f"{op['share']:.0%}")
+        console.print(table)
+    console.print(f"results in {cfg.out / 'results.json'}")
 
 
 def bench_serve(cfg: ServeBenchConfig) -> None:
@@ -245,11 +266,12 @@ def quickstart(cfg: QuickstartConfig) -> None:
                   f"open {cfg.out / REPORT}", highlight=False)
 
 
-BENCHES = {"data": bench_data, "serve": bench_serve, "latency": bench_latency}  # `physis bench NAME`
+# `physis bench NAME`
+BENCHES = {"data": bench_data, "train": bench_train, "serve": bench_serve, "latency": bench_latency}
 
 
 def _bench_help() -> None:
-    """Measured figures, printed and written as JSON: `physis bench data|serve|latency`."""
+    """Measured figures, printed and written as JSON: `physis bench data|train|serve|latency`."""
     tyro.extras.subcommand_cli_from_dict(BENCHES, args=["--help"], prog="physis bench", config=_CONFIG)
 
 

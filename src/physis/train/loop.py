@@ -182,7 +182,8 @@ class Trainer:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _train_step(self, batch: dict[str, Any]) -> tuple[dict[str, float], float]:
+    def train_step(self, batch: dict[str, Any]) -> tuple[dict[str, float], float]:
+        """One optimizer step on a batch: forward (bf16 autocast if set), backward, clipping, AdamW, EMA."""
         self.ddp_model.train()
         device_type = torch.device(self.cfg.device).type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
@@ -238,7 +239,7 @@ class Trainer:
                 if batch is None:
                     raise RuntimeError(f"the batch source ran out at step {self.step} of {cfg.steps}")
                 lr = self.scheduler.get_last_lr()[0]
-                last, grad_norm = self._train_step(batch)
+                last, grad_norm = self.train_step(batch)
                 self.step += 1
                 self.losses.append(last["loss"])
                 n = _batch_size(batch)

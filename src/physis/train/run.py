@@ -177,17 +177,22 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     return model, data, meta
 
 
+def train_config(cmd: TrainCommand) -> TrainConfig:
+    """The training loop's settings for a command."""
+    return TrainConfig(steps=cmd.steps, max_minutes=cmd.minutes, batch_size=cmd.batch_size, lr=cmd.lr,
+                       warmup=cmd.warmup, ema_decay=cmd.ema, bf16=cmd.bf16, device=cmd.device,
+                       log_every=cmd.log_every,
+                       save_every=cmd.save_every, seed=cmd.seed, num_workers=cmd.workers, out=str(cmd.out),
+                       recipe=cmd.recipe, trainable=list(cmd.trainable),
+                       init_from=str(cmd.init_from) if cmd.init_from else None, resume=cmd.resume,
+                       progress=cmd.progress)
+
+
 def train(cmd: TrainCommand) -> dict[str, Any]:
     dist = init_distributed()
     torch.manual_seed(cmd.seed)
     model, data, meta = build(cmd)
-    cfg = TrainConfig(steps=cmd.steps, max_minutes=cmd.minutes, batch_size=cmd.batch_size, lr=cmd.lr,
-                      warmup=cmd.warmup, ema_decay=cmd.ema, bf16=cmd.bf16, device=cmd.device,
-                      log_every=cmd.log_every,
-                      save_every=cmd.save_every, seed=cmd.seed, num_workers=cmd.workers, out=str(cmd.out),
-                      recipe=cmd.recipe, trainable=list(cmd.trainable),
-                      init_from=str(cmd.init_from) if cmd.init_from else None, resume=cmd.resume,
-                      progress=cmd.progress)
+    cfg = train_config(cmd)
     seed = cmd.seed + 1000 * dist.rank  # each process reads different batches
 
     def batches(start_step: int):
