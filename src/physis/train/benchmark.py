@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from physis.train.loop import Trainer, peak_rss_mb
-from physis.train.run import TrainCommand, build, train_config
+from physis.train.run import TrainCommand, build, command_batches, train_config
 
 
 @dataclass
@@ -44,10 +44,7 @@ def run(cfg: TrainBenchConfig) -> dict[str, Any]:
     model, data, meta = build(cfg)
     wanted = cfg.warmup_steps + cfg.timed_steps + cfg.profile_steps
     started = time.perf_counter()
-    batches = list(data.batches(cfg.batch_size, seed=cfg.seed, steps=wanted, num_workers=cfg.workers,
-                                image_shift=cfg.image_shift, first_frames=cfg.first_frames,
-                                first_frames_weight=cfg.first_frames_weight,
-                                env_state_first_frames=cfg.env_state_first_frames))
+    batches = list(command_batches(cfg, data, cfg.seed, wanted))
     loading_s = time.perf_counter() - started
     trainer = Trainer(model, batches, train_config(cfg), checkpoint_meta=meta)
     for batch in batches[: cfg.warmup_steps]:

@@ -188,6 +188,14 @@ def train_config(cmd: TrainCommand) -> TrainConfig:
                        progress=cmd.progress)
 
 
+def command_batches(cmd: TrainCommand, data: TrainingData, seed: int, steps: int, start_step: int = 0):
+    """The command's batches (its size, workers, augmentation and first-frame sampling) from `start_step`."""
+    return data.batches(cmd.batch_size, seed=seed, steps=steps, start_step=start_step, num_workers=cmd.workers,
+                        image_shift=cmd.image_shift, first_frames=cmd.first_frames,
+                        first_frames_weight=cmd.first_frames_weight,
+                        env_state_first_frames=cmd.env_state_first_frames)
+
+
 def train(cmd: TrainCommand) -> dict[str, Any]:
     dist = init_distributed()
     torch.manual_seed(cmd.seed)
@@ -196,10 +204,7 @@ def train(cmd: TrainCommand) -> dict[str, Any]:
     seed = cmd.seed + 1000 * dist.rank  # each process reads different batches
 
     def batches(start_step: int):
-        return data.batches(cmd.batch_size, seed=seed, steps=cmd.steps, start_step=start_step,
-                            num_workers=cmd.workers, image_shift=cmd.image_shift,
-                            first_frames=cmd.first_frames, first_frames_weight=cmd.first_frames_weight,
-                            env_state_first_frames=cmd.env_state_first_frames)
+        return command_batches(cmd, data, seed, cmd.steps, start_step)
 
     trainer = Trainer(model, batches, cfg, checkpoint_meta=meta)
     return trainer.train()
