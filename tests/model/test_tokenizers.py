@@ -161,3 +161,43 @@ def test_the_localizer_needs_keypoints_and_an_environment_state() -> None:
 def test_negative_encoder_sizes_are_refused() -> None:
     with pytest.raises(ValueError, match="stem_blocks and keypoints"):
         ModelConfig.preset("tiny", keypoints=-1)
+
+
+def test_keypoint_only_cameras_reach_the_trunk_by_their_keypoint_token_alone() -> None:
+    torch.manual_seed(0)
+    full, slim = make_config(keypoints=4), make_config(keypoints=4, keypoint_only_cameras=[1])
+    batch = make_batch(full)
+    model = PhysisModel(slim)
+    tokens_full, _, _, _ = PhysisModel(full).prefix(batch)
+    tokens, mask, feats, _ = model.prefix(batch)
+    grid = full.patch_grid**2
+    assert tokens.shape[1] == tokens_full.shape[1] - grid  # camera 1's patch grid is gone
+    # the keypoint tokens of both cameras stay, with their cameras' masks (batch row 2 lacks camera 1)
+    assert torch.equal(mask[:, grid : grid + 2], batch["image_mask"].bool())
+    assert feats.shape[0] == B * 2  # the world model still gets every camera's features
+    # camera 1 still changes what the model does, through its keypoints
+    model.eval()
+    moved = {**batch, "images": batch["images"].clone()}
+    moved["images"][:, 1] = moved["images"][:, 1].flip(-1)
+    noise = torch.randn(B, slim.horizon, slim.action_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model.sample_actions(batch, noise=noise, steps=2), model.sample_actions(moved, noise=noise, steps=2)
+        assert not torch.allclose(a[:2], b[:2])
+        cached = model.sample_actions(cache=model.encode_prefix(batch), noise=noise, steps=2)
+    assert torch.allclose(cached, a)
+    model.train()
+    model(batch)["loss"].backward()
+    assert model.prefix.patches.keypoints.maps.weight.grad.abs().sum() > 0
+
+
+def test_keypoint_only_cameras_must_be_distinct_slots_with_keypoints() -> None:
+    with pytest.raises(ValueError, match="needs keypoints"):
+        make_config(keypoint_only_cameras=[1])
+    with pytest.raises(ValueError, match="not distinct slots"):
+        make_config(keypoints=4, keypoint_only_cameras=[2])
+    with pytest.raises(ValueError, match="not distinct slots"):
+        make_config(keypoints=4, keypoint_only_cameras=[1, 1])
+    with pytest.raises(ValueError, match="at least one camera"):
+        make_config(keypoints=4, keypoint_only_cameras=[0, 1])
+    cfg = make_config(keypoints=4, keypoint_only_cameras=[1])
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a checkpoint's config round trip

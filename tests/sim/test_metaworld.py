@@ -69,3 +69,38 @@ def test_the_near_front_camera_shows_the_reach_goal_larger_than_the_front_camera
             assert near > 1.5 * far, (seed, far, near)
     finally:
         env.close()
+
+
+def _marker_centroid(env, camera: str) -> np.ndarray:
+    """The goal marker's (row, col) centroid in `camera`: where the frame with it differs from the one without."""
+    mw = env._env
+    site = mw.model.site("goal").id
+    shown = env.observe()["images"][camera].astype(int)
+    alpha = mw.model.site_rgba[site, 3]
+    mw.model.site_rgba[site, 3] = 0.0
+    try:
+        hidden = env.observe()["images"][camera].astype(int)
+    finally:
+        mw.model.site_rgba[site, 3] = alpha
+    rows, cols = np.nonzero(np.abs(shown - hidden).sum(axis=-1) > 30)
+    assert len(rows), camera
+    return np.array([rows.mean(), cols.mean()])
+
+
+def test_the_side_camera_sees_the_height_the_front_camera_confuses_with_depth():
+    import mujoco
+
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=96, cameras=("front", "side")))
+    mw = env._env
+    site = mw.model.site("goal").id
+    try:
+        env.reset(seed=1_000_000)
+        before = {c: _marker_centroid(env, c) for c in ("front", "side")}
+        # 5 cm up and 5 cm further from `front` (45 degrees down): about along its view ray
+        mw.model.site_pos[site] += [0.0, 0.05, 0.05]
+        mujoco.mj_forward(mw.model, mw.data)
+        after = {c: _marker_centroid(env, c) for c in ("front", "side")}
+    finally:
+        env.close()
+    assert np.abs(after["front"] - before["front"]).max() < 2.0  # one ray: hardly moves in `front`
+    assert after["side"][0] < before["side"][0] - 4.0  # clearly higher in `side`

@@ -31,6 +31,25 @@ def test_training_on_a_camera_subset_gives_a_policy_that_asks_for_those_cameras(
     assert policy.infer(obs)["actions"].shape[0] == cmd.horizon
 
 
+def test_a_keypoint_only_camera_is_named_and_saved_by_slot(tiny_run, tmp_path):
+    _, cmd, _ = tiny_run
+    run = dataclasses.replace(cmd, out=tmp_path / "kp-only", steps=1, save_every=1, keypoints=4,
+                              keypoint_only_cameras=("gripper",))
+    train(run)
+    config = load_checkpoint(run.out, training_state=False).config
+    cameras = next(iter(config["cameras"].values()))
+    assert config["model"]["keypoint_only_cameras"] == [cameras.index("gripper")]
+    obs = example_observation(run.out)
+    assert "gripper" in obs["images"]  # the policy still asks for it
+    assert Policy.from_checkpoint(run.out).infer(obs)["actions"].shape[0] == cmd.horizon
+    from physis.train.run import TrainSetupError, build
+
+    with pytest.raises(TrainSetupError, match="--keypoint-only-cameras side: each dataset must have this camera"):
+        build(dataclasses.replace(run, keypoint_only_cameras=("side",)))
+    with pytest.raises(TrainSetupError, match="set --keypoints too"):
+        build(dataclasses.replace(run, keypoints=None))
+
+
 @pytest.mark.parametrize(("localizer", "localizer_state", "relative", "teacher"),
                          [(False, False, False, 0.0), (True, False, False, 0.0), (True, True, False, 0.0),
                           (True, False, True, 0.5)])

@@ -73,6 +73,9 @@ class ModelConfig:
     # an action expert trained on estimates learns to ignore the token; on the truth it learns to follow it,
     # and then follows the estimate at inference (needs localizer)
     localizer_teacher: float = 0.0
+    # camera slots that give the trunk no patch tokens, only their keypoint token (and the localizer its
+    # keypoints): a view that resolves positions costs a few tokens instead of a patch grid (needs keypoints)
+    keypoint_only_cameras: tuple[int, ...] = ()
     subtask_vocab: tuple[str, ...] = field(default_factory=tuple)
     max_subtask_tokens: int = 12
     future_offset: int | None = None  # None: horizon (the frame just after the chunk)
@@ -89,6 +92,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "subtask_vocab", tuple(self.subtask_vocab))
+        object.__setattr__(self, "keypoint_only_cameras", tuple(int(i) for i in self.keypoint_only_cameras))
         if self.future_offset is None:
             object.__setattr__(self, "future_offset", self.horizon)
         if self.action_head not in ("flow", "mse"):
@@ -116,6 +120,16 @@ class ModelConfig:
                 f"ModelConfig.localizer needs keypoints > 0 and env_state_dim > 0, found {self.keypoints}, "
                 f"{self.env_state_dim}"
             )
+        if self.keypoint_only_cameras:
+            slots = self.keypoint_only_cameras
+            if not self.keypoints:
+                raise ValueError("ModelConfig.keypoint_only_cameras needs keypoints > 0: without them those cameras "
+                                 "would reach the model through nothing")
+            if len(set(slots)) != len(slots) or not all(0 <= i < self.cameras for i in slots):
+                raise ValueError(f"ModelConfig.keypoint_only_cameras: {slots} are not distinct slots of "
+                                 f"{self.cameras} cameras")
+            if len(slots) == self.cameras:
+                raise ValueError("ModelConfig.keypoint_only_cameras: at least one camera must give patch tokens")
         if self.localizer_state and not self.localizer:
             raise ValueError("ModelConfig.localizer_state projects the localizer's estimate, which is off: set "
                              "localizer=True too")

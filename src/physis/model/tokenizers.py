@@ -119,8 +119,8 @@ class FrameDecoder(nn.Module):
 class PrefixTokenizer(nn.Module):
     """images + text + state + embodiment -> prefix tokens (B, N, width) and their key mask (B, N).
 
-    Token order: image patches (camera-major, then history frame, then patch), one keypoint token per camera
-    and history frame (when `keypoints` > 0), text, state, embodiment, and last, when `env_state_dim` > 0, a
+    Token order: image patches (camera-major, then history frame, then patch; none for the slots in
+    `keypoint_only_cameras`), one keypoint token per camera and history frame (when `keypoints` > 0), text, state, embodiment, and last, when `env_state_dim` > 0, a
     learned query token whose output the environment-state head reads (the action expert attends to it too).
     """
 
@@ -167,9 +167,14 @@ class PrefixTokenizer(nn.Module):
         p = feats.shape[-1] * feats.shape[-2]
         tok = feats.flatten(2).transpose(1, 2).reshape(b, c, t, p, -1)
         tok = tok + self.patch_pos + self.time_emb[:t, None] + self.camera_emb[:c, None, None]
-        tok = tok.reshape(b, c * t * p, -1)
         cam_mask = batch["image_mask"].bool()[:, :, None]  # (B, C, 1)
-        img_mask = cam_mask.expand(b, c, t * p).reshape(b, -1)
+        patched = [i for i in range(c) if i not in self.cfg.keypoint_only_cameras]
+        if len(patched) < c:  # keypoint-only cameras reach the trunk through their keypoint token alone
+            tok, patch_mask = tok[:, patched], cam_mask[:, patched]
+        else:
+            patch_mask = cam_mask
+        tok = tok.reshape(b, -1, tok.shape[-1])
+        img_mask = patch_mask.expand(b, len(patched), t * p).reshape(b, -1)
         if points is not None:  # one token per camera and frame: its K keypoints' coordinates
             kp_tok = self.keypoint_proj(points.reshape(b, c, t, -1)) + self.time_emb[:t] + self.camera_emb[:c, None]
             tok = torch.cat([tok, kp_tok.reshape(b, c * t, -1)], dim=1)

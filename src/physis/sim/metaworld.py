@@ -20,16 +20,18 @@ from physis.sim.metaworld_tasks import INSTRUCTIONS, MT50
 # Our camera names -> Meta-World's; the corner cameras render upside down, so their rows are flipped.
 CAMERAS = {"corner": "corner", "corner2": "corner2", "corner3": "corner3", "gripper": "gripperPOV",
            "behind_gripper": "behindGripper", "top": "topview", "front": "front",
-           "front_near": "front_near"}
+           "front_near": "front_near", "side": "side"}
 _FLIPPED = ("corner", "corner2", "corner3")
 # Meta-World's experts warn on every step whose gain saturates the (clipped) action; that is by design.
 warnings.filterwarnings("ignore", message=r"Constant\(s\) may be too high", category=UserWarning)
 # Free cameras over the workspace, 45 degrees down from the side facing the robot. `front` shows the whole
 # table; `front_near` frames the region where MT10's objects and goals lie, so a 4 cm goal marker covers
-# about 5 px of a 96 px image instead of 3.
+# about 5 px of a 96 px image instead of 3. `side` looks at the same region from the robot's left, 60 degrees
+# round from `front` and 20 degrees down: a marker's height and depth, one ray in `front`, part in `side`.
 _FREE_CAMERAS = {
     "front": {"lookat": (0.0, 0.7, 0.05), "distance": 1.1, "azimuth": -90.0, "elevation": -45.0},
     "front_near": {"lookat": (0.0, 0.74, 0.14), "distance": 0.7, "azimuth": -90.0, "elevation": -45.0},
+    "side": {"lookat": (0.0, 0.72, 0.12), "distance": 0.75, "azimuth": -30.0, "elevation": -20.0},
 }
 
 

@@ -78,6 +78,9 @@ class TrainCommand:
     # the action expert learns to follow the token rather than read the goal off the hand's path; needs
     # --localizer. 0: off
     localizer_teacher: float = 0.0
+    # cameras (by name) that give the trunk only their keypoint token and the localizer their keypoints, not a
+    # grid of patch tokens: a second view that fixes positions for a few tokens; needs --keypoints
+    keypoint_only_cameras: tuple[str, ...] = ()
     init_from: Path | None = None  # posttrain/adapt: start from this checkpoint's weights
     trainable: tuple[str, ...] = ()  # adapt: parameter-name patterns left trainable (fnmatch)
     embodiments: tuple[str, ...] = ()  # a spec per dataset, for datasets that do not name a built-in robot
@@ -113,6 +116,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     if cmd.localizer and not cmd.env_state_weight:
         raise TrainSetupError("--localizer estimates the environment state, whose target is off: set "
                               "--env-state-weight too")
+    if cmd.keypoint_only_cameras and not cmd.keypoints:
+        raise TrainSetupError("--keypoint-only-cameras leaves those cameras only their keypoints: set --keypoints too")
     if cmd.localizer and not cmd.keypoints:
         raise TrainSetupError("--localizer reads the image keypoints, which are off: set --keypoints K too")
     if cmd.localizer_state and not cmd.localizer:
@@ -139,6 +144,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
                                                    env_state_relative=cmd.env_state_relative),
                         embodiments=list(cmd.embodiments) or None, weights=list(cmd.weights) or None,
                         space=space, vocab=vocab)
+    keypoint_only = _camera_slots(data, cmd.keypoint_only_cameras)
     env_state: dict[str, Any] = {}
     if cmd.env_state_weight > 0:
         if not data.env_state_dim:
@@ -158,7 +164,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         **({"expert_depth": cmd.expert_depth} if cmd.expert_depth else {}),
         **({"world_model_fraction": cmd.world_model_fraction} if cmd.world_model_fraction < 1 else {}),
         **({"stem_blocks": cmd.stem_blocks} if cmd.stem_blocks is not None else {}),
-        **({"keypoints": cmd.keypoints} if cmd.keypoints is not None else {}), **env_state, **cmd.overrides)
+        **({"keypoints": cmd.keypoints} if cmd.keypoints is not None else {}),
+        **({"keypoint_only_cameras": keypoint_only} if keypoint_only else {}), **env_state, **cmd.overrides)
     model = PhysisModel(model_cfg)
     meta = {
         "model": model_cfg.to_dict(),
@@ -175,6 +182,18 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "stats": data.stats,
     }
     return model, data, meta
+
+
+def _camera_slots(data: TrainingData, names: tuple[str, ...]) -> tuple[int, ...]:
+    """The slots of camera `names` in every robot's camera order (the same slot in each, or refused)."""
+    slots: list[int] = []
+    for name in names:
+        found = {robot: cams.index(name) if name in cams else None for robot, cams in data.meta()["cameras"].items()}
+        if len(set(found.values())) != 1 or None in found.values():
+            raise TrainSetupError(f"--keypoint-only-cameras {name}: each dataset must have this camera in the same "
+                                  f"slot; slots by robot: {found} (cameras: {data.meta()['cameras']})")
+        slots.append(next(iter(found.values())))
+    return tuple(slots)
 
 
 def train_config(cmd: TrainCommand) -> TrainConfig:
