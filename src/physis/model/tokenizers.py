@@ -120,8 +120,9 @@ class PrefixTokenizer(nn.Module):
     """images + text + state + embodiment -> prefix tokens (B, N, width) and their key mask (B, N).
 
     Token order: image patches (camera-major, then history frame, then patch; none for the slots in
-    `keypoint_only_cameras`), one keypoint token per camera and history frame (when `keypoints` > 0), text, state, embodiment, and last, when `env_state_dim` > 0, a
-    learned query token whose output the environment-state head reads (the action expert attends to it too).
+    `keypoint_only_cameras`), one keypoint token per camera and history frame (when `keypoints` > 0), text,
+    state, embodiment, and last, when `env_state_dim` > 0, a learned query token whose output the
+    environment-state head reads (the action expert attends to it too).
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
