@@ -145,6 +145,21 @@ def test_the_localizer_teacher_feeds_the_truth_to_a_fraction_of_training_rows_on
         make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_teacher=1.5)
 
 
+def test_values_a_policy_gives_replace_the_estimate_where_their_mask_is_set() -> None:
+    torch.manual_seed(0)
+    model = PhysisModel(make_config(keypoints=4, env_state_dim=3, localizer=True)).eval()
+    batch = make_batch(model.config)
+    fed: list[torch.Tensor] = []
+    model.prefix.localizer_in.register_forward_hook(lambda m, args, out: fed.append(args[0]))
+    _, _, _, estimate = model.prefix(batch)
+    given, mask = torch.randn(B, 3), torch.zeros(B, 3, dtype=torch.bool)
+    mask[0, 1:] = True  # the first row holds two values; the second row holds none
+    _, _, _, located = model.prefix({**batch, "env_state_given": given, "env_state_given_mask": mask})
+    assert torch.equal(located, estimate)  # the estimate returned is still the localizer's own
+    assert torch.equal(fed[1][0, 1:], given[0, 1:]) and torch.equal(fed[1][0, 0], estimate[0, 0])
+    assert torch.equal(fed[1][1], estimate[1])
+
+
 def _locator_inputs(model: PhysisModel, batch: dict[str, torch.Tensor]) -> tuple:
     images = batch["images"]
     _, points = model.prefix.patches.features_and_keypoints(images.flatten(0, 2))

@@ -70,6 +70,8 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert config["model"]["localizer_state"] is localizer_state
     assert config["model"]["localizer_teacher"] == teacher
     assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
+    world = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
+    assert config["env_state_names"] == world + ([f"{n}-robot" for n in world] if relative else [])
     obs = example_observation(aux.out)
     assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
     assert Policy.from_checkpoint(aux.out).infer(obs)["actions"].shape[0] == cmd.horizon

@@ -29,6 +29,7 @@ from physis.eval.policies import as_chunk, make_policy
 from physis.eval.report import TaskResult, write_report
 from physis.progress import progress_bar
 from physis.runtime.execution import ExecutionConfig
+from physis.runtime.latch import latch_names
 from physis.sim.base import EnvConfig
 from physis.sim.rollout import cached_env
 from physis.sim.seeds import EVAL_SEEDS, eval_seeds, seed_ranges
@@ -54,6 +55,9 @@ class EvalConfig:
     # a checkpoint's flow sampling temperature: the starting noise's scale (1: the learned distribution; below 1
     # leans toward its modes; 0: deterministic)
     noise_scale: float = 1.0
+    # environment-state values a checkpoint's localizer reads once per episode and then holds (names from its
+    # config.json env_state_names, e.g. goal_x goal_y goal_z: a goal does not move; see physis.runtime.latch)
+    latch: tuple[str, ...] = ()
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
     image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
@@ -92,6 +96,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             policy.execution = ExecutionConfig(cfg.execution, execute=cfg.replan_every or None)
         if cfg.checkpoint is not None and not cfg.server:
             policy.noise_scale = cfg.noise_scale
+            policy.latch = cfg.latch
         policy.reset()
         done = False
         while not done and cfg.execution != "open_loop":  # one action at a time, as a robot runs it
@@ -141,20 +146,24 @@ def _policy(cfg: EvalConfig, env) -> Any:
     return _POLICIES[key]
 
 
-def checkpoint_cameras(checkpoint: str | Path, embodiment: str) -> tuple[str, ...]:
-    """The cameras a checkpoint was trained on for `embodiment` (its config.json), so an evaluation renders
-    them without being told; () when the checkpoint never saw that embodiment (the policy then names the
-    mismatch)."""
+def checkpoint_meta(checkpoint: str | Path) -> dict[str, Any]:
+    """A checkpoint's config.json (a run directory reads its latest checkpoint's)."""
     from physis.train.checkpoint import latest_checkpoint
 
     path = Path(checkpoint)
     if not (path / "config.json").exists():
         path = latest_checkpoint(path) or path
     try:
-        meta = json.loads((path / "config.json").read_text())
+        return json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise FileNotFoundError(f"checkpoint {checkpoint}: no readable config.json ({e})") from e
-    return tuple(meta.get("cameras", {}).get(embodiment, ()))
+
+
+def checkpoint_cameras(checkpoint: str | Path, embodiment: str) -> tuple[str, ...]:
+    """The cameras a checkpoint was trained on for `embodiment` (its config.json), so an evaluation renders
+    them without being told; () when the checkpoint never saw that embodiment (the policy then names the
+    mismatch)."""
+    return tuple(checkpoint_meta(checkpoint).get("cameras", {}).get(embodiment, ()))
 
 
 def _tile(images: dict[str, np.ndarray]) -> np.ndarray:
@@ -209,6 +218,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                          "(and no --server)")
     if cfg.checkpoint is not None and not Path(cfg.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {cfg.checkpoint} does not exist")
+    if cfg.latch:
+        if cfg.checkpoint is None or cfg.server:
+            raise ValueError("--latch holds a checkpoint's localizer estimate in process: pass --checkpoint "
+                             "(and no --server)")
+        meta = checkpoint_meta(cfg.checkpoint)
+        if not meta.get("model", {}).get("localizer"):
+            raise ValueError(f"--latch holds a localizer's estimate; checkpoint {cfg.checkpoint} has none (train it "
+                             "with --localizer)")
+        latch_names(cfg.latch, meta.get("env_state_names") or [])
     if cfg.checkpoint is not None and not cfg.cameras:
         cfg = replace(cfg, cameras=checkpoint_cameras(cfg.checkpoint, get_suite(cfg.suite).embodiment))
     out = Path(cfg.out)
@@ -260,6 +278,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "replan_every": cfg.replan_every,
         "execution": cfg.execution,
         "noise_scale": cfg.noise_scale,
+        "latch": list(cfg.latch),
         "image_size": cfg.image_size,
         "cameras": rendered_cameras(cfg),
         "max_steps": cfg.max_steps or None,

@@ -156,7 +156,10 @@ class PrefixTokenizer(nn.Module):
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Returns tokens (B, N, D), key mask (B, N), patch features (B*C*T, D, g, g) for latents, and the
-        localizer's environment-state estimate (B, env_state_dim), or None without a localizer."""
+        localizer's environment-state estimate (B, env_state_dim), or None without a localizer.
+
+        An optional env_state_given (B, env_state_dim) with env_state_given_mask replaces the estimate where the
+        mask is set in what the query token carries (not in the estimate returned): values a policy holds fixed."""
         images = batch["images"]  # (B, C, T, 3, h, w)
         b, c, t = images.shape[:3]
         if c > self.cfg.cameras or t != self.cfg.history:
@@ -203,6 +206,9 @@ class PrefixTokenizer(nn.Module):
                     fed = self._teacher(located, batch, 1.0)
                 elif self.training and self.cfg.localizer_teacher:
                     fed = self._teacher(located, batch, self.cfg.localizer_teacher)
+                elif "env_state_given" in batch:  # values the policy holds (a latched goal) stand in for the estimate
+                    given = batch["env_state_given_mask"].bool()
+                    fed = torch.where(given, batch["env_state_given"].to(located.dtype), located)
                 else:
                     fed = located
                 projected = torch.cat([fed, state.to(fed.dtype)], -1) if self.cfg.localizer_state else fed

@@ -27,11 +27,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from physis.data.relative import ENV_STATE
 from physis.data.stats import Normalizer, stats_from_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace
 from physis.model.text import trim_text_padding
 from physis.runtime.backends import make_engine
 from physis.runtime.execution import ChunkExecutor, ExecutionConfig
+from physis.runtime.latch import EnvStateLatch
+
+LATCH_BACKENDS = ("eager", "bf16", "int8")  # those that run the model's own prefix encoder, which reads the latch
 
 
 class CheckpointMismatchError(ValueError):
@@ -58,11 +62,13 @@ class PolicySession:
         self.last_safe = last_safe
         self.generator = torch.Generator().manual_seed(seed)
         self.subtask_ids: torch.Tensor | None = None  # the last chunk's subtask (1, Ls): the next one's draft
+        self.latched: np.ndarray | None = None  # environment-state values held for this episode (Policy.latch)
 
     def reset(self) -> None:
-        """A new episode: forget the frame history and the last subtask."""
+        """A new episode: forget the frame history, the last subtask and the held values."""
         self.frames.clear()
         self.subtask_ids = None
+        self.latched = None
 
 
 class Policy:
@@ -101,6 +107,8 @@ class Policy:
         self.num_cameras = int(meta["num_cameras"])
         data = meta["data"]
         self.image_size, self.history = int(data["image_size"]), int(data["history"])
+        self._env_stats = arrays.get(ENV_STATE)
+        self._latch: EnvStateLatch | None = None
         self.flow_steps = flow_steps
         if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
             raise ValueError(f"Policy: noise_scale must be a finite number >= 0, got {noise_scale}")
@@ -135,6 +143,28 @@ class Policy:
         if self._executor is not None:
             self._executor.close()
         self._execution, self._executor = config, None
+
+    @property
+    def latch(self) -> tuple[str, ...]:
+        """Environment-state values (names from the checkpoint's env_state_names, e.g. goal_x) that stay put
+        within an episode: the localizer's estimate at the episode's first chunk is held and fed to the model
+        for the rest of it, in place of the new estimate (see physis.runtime.latch). Empty: none held."""
+        return self._latch.names if self._latch is not None else ()
+
+    @latch.setter
+    def latch(self, names: Sequence[str]) -> None:
+        names = tuple(names)
+        if not names:
+            self._latch = None
+            return
+        if not self.model.config.localizer:
+            raise ValueError("Policy.latch holds the localizer's estimate; this checkpoint has no localizer")
+        if self.engine.backend not in LATCH_BACKENDS:
+            raise ValueError(f"Policy.latch runs on the backends {LATCH_BACKENDS}, not {self.engine.backend!r}")
+        if self._env_stats is None:
+            raise CheckpointMismatchError("the checkpoint has no environment-state statistics to latch with")
+        self._latch = EnvStateLatch(names, self.meta.get("env_state_names") or [], self._env_stats["mean"],
+                                    self._env_stats["std"], self.spec)
 
     def reset(self) -> None:
         self.session.reset()
@@ -180,12 +210,18 @@ class Policy:
         state_t = self.state_norm({"observation.state": torch.from_numpy(state)})["observation.state"]
         mask = torch.from_numpy(self.state_map.mask)
         text, text_mask = self.text.encode(obs.get("instruction", ""))
+        held = {}
+        if self._latch is not None:
+            given, given_mask = self._latch.given(session.latched, state)
+            held = {"env_state_given": torch.from_numpy(given)[None],
+                    "env_state_given_mask": torch.from_numpy(given_mask)[None]}
         return {
             "images": images, "image_mask": image_mask,
             "state": (self.state_map.to_unified(state_t.float()) * mask)[None], "state_mask": mask[None],
             "text": torch.as_tensor(text)[None], "text_mask": torch.as_tensor(text_mask)[None],
             "embodiment": torch.tensor([self.embodiment_index]),
             "action_mask": torch.from_numpy(self.action_map.mask)[None],  # the body's DoF, for sampling
+            **held,
         }, now
 
     # ------------------------------------------------------------------ inference
@@ -269,6 +305,10 @@ class Policy:
         if prefix_actions is not None and prefix_weights is not None:
             prefix_actions, prefix_weights = prefix_actions.to(dev), prefix_weights.to(dev)
         cache = self.engine.encode_prefix(batch)
+        if self._latch is not None:  # an episode's first chunk: hold what the localizer read
+            for i, session in enumerate(sessions):
+                if session.latched is None:
+                    session.latched = self._latch.hold(cache.env_state[i].float().cpu().numpy())
         subtasks = None
         if cfg.subtask and len(self.vocab.words):
             drafts = [s.subtask_ids for s in sessions]

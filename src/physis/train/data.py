@@ -189,6 +189,15 @@ class TrainingData:
             "stats": self.stats,
         }
 
+    @property
+    def env_state_names(self) -> list[str]:
+        """The names of observation.environment_state's values (the widest source's), [] where none records it."""
+        for ds in self.mixture.datasets:
+            feature = ds.features.get(ENV_STATE)
+            if feature and feature["shape"][0] == self.env_state_dim:
+                return list(feature.get("names") or [str(i) for i in range(self.env_state_dim)])
+        return []
+
     def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0, num_workers: int = 0,
                 image_shift: int = 0, first_frames: int = 8, first_frames_weight: float = 1.0,
                 env_state_first_frames: bool = False) -> Iterator[dict[str, torch.Tensor]]:

@@ -180,6 +180,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "sampling": {"first_frames": cmd.first_frames, "first_frames_weight": cmd.first_frames_weight,
                      "env_state_first_frames": cmd.env_state_first_frames},
         "stats": data.stats,
+        "env_state_names": data.env_state_names,  # what the localizer estimates, for a policy that latches some
     }
     return model, data, meta
 

@@ -1,0 +1,127 @@
+"""Latching: a policy holds the localizer's first estimate of a goal for the episode."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from physis.embodiment import load_embodiment
+from physis.eval.runner import EvalConfig, evaluate
+from physis.runtime import Policy
+from physis.runtime.latch import EnvStateLatch
+from physis.sim import EnvConfig, make_env
+from physis.train.run import train
+
+WORLD = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
+NAMES = WORLD + [f"{n}-robot" for n in WORLD]
+GOAL = ("goal_x", "goal_y", "goal_z")
+
+
+def _latch() -> EnvStateLatch:
+    mean, std = np.linspace(-0.5, 0.5, 12), np.linspace(0.1, 0.3, 12)
+    return EnvStateLatch(GOAL, NAMES, mean, std, load_embodiment("metaworld_sawyer"))
+
+
+def test_held_values_come_back_in_model_units_with_their_robot_relative_counterparts() -> None:
+    latch = _latch()
+    estimate = np.arange(12, dtype=np.float32) / 10
+    held = latch.hold(estimate)  # normalized -> the data's units
+    assert np.allclose(held, estimate[3:6] * latch.std[3:6] + latch.mean[3:6])
+    values, mask = latch.given(None, np.zeros(4))
+    assert not mask.any()  # nothing held yet: the model keeps its estimate
+    hand = np.array([0.1, 0.6, 0.2, 0.5])  # eef_pos, then the gripper
+    values, mask = latch.given(held, hand)
+    assert mask.tolist() == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3  # goal and goal-robot only
+    assert np.allclose(values[3:6], estimate[3:6], atol=1e-6)
+    relative = (held - hand[:3] - latch.mean[9:12]) / latch.std[9:12]
+    assert np.allclose(values[9:12], relative, atol=1e-6)
+
+
+def test_only_world_frame_values_the_checkpoint_names_can_be_latched() -> None:
+    spec = load_embodiment("metaworld_sawyer")
+    with pytest.raises(ValueError, match="cannot latch \\['goal_w'\\]"):
+        EnvStateLatch(("goal_w",), NAMES, np.zeros(12), np.ones(12), spec)
+    with pytest.raises(ValueError, match="robot-relative ones follow"):
+        EnvStateLatch(("goal_x-robot",), NAMES, np.zeros(12), np.ones(12), spec)
+    with pytest.raises(ValueError, match="lists none"):
+        EnvStateLatch(GOAL, [], np.zeros(0), np.ones(0), spec)
+    with pytest.raises(ValueError, match="repeat"):
+        EnvStateLatch(("goal_x", "goal_x"), NAMES, np.zeros(12), np.ones(12), spec)
+
+
+@pytest.fixture(scope="module")
+def localizer_run(tiny_run, tmp_path_factory):
+    _, cmd, _ = tiny_run
+    out = tmp_path_factory.mktemp("latch") / "run"
+    train(dataclasses.replace(cmd, out=out, steps=2, save_every=2, env_state_weight=1.0, keypoints=4,
+                              localizer=True, env_state_relative=True))
+    return out
+
+
+def test_the_policy_feeds_the_first_estimate_of_the_goal_for_the_whole_episode(localizer_run) -> None:
+    policy = Policy.from_checkpoint(localizer_run, flow_steps=2)
+    assert policy.meta["env_state_names"] == NAMES
+    fed: list[torch.Tensor] = []
+    policy.model.prefix.localizer_in.register_forward_hook(lambda m, args, out: fed.append(args[0][0].clone()))
+    located: list[torch.Tensor] = []
+    policy.model.prefix.localizer.register_forward_hook(lambda m, args, out: located.append(out[0].clone()))
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32, cameras=tuple(policy.cameras)))
+    obs, _ = env.reset(seed=1_000_000)
+
+    def run_chunk(obs):
+        policy.infer(obs)
+        for _ in range(8):  # the hand moves: the images, the state and the estimate change
+            obs = env.step(np.array([1.0, -1.0, 1.0, 0.0]))[0]
+        return obs
+
+    policy.latch = GOAL
+    policy.reset()
+    obs = run_chunk(obs)
+    assert torch.equal(fed[0], located[0])  # the first chunk: the estimate itself, now held
+    held = policy.session.latched
+    assert held is not None and np.allclose(held, policy._latch.hold(located[0].numpy()))
+    run_chunk(obs)
+    stats = policy._latch
+    hand = obs["state"]["eef_pos"]
+    goal = (held - stats.mean[3:6]) / stats.std[3:6]
+    goal_robot = (held - hand - stats.mean[9:12]) / stats.std[9:12]
+    assert not torch.allclose(located[1], located[0])  # the estimate moved ...
+    assert np.allclose(fed[1][3:6].numpy(), goal, atol=1e-5)  # ... the goal fed did not
+    assert np.allclose(fed[1][9:12].numpy(), goal_robot, atol=1e-5)  # relative to where the hand is now
+    assert torch.equal(fed[1][:3], located[1][:3]) and torch.equal(fed[1][6:9], located[1][6:9])  # objects move
+    policy.reset()
+    assert policy.session.latched is None  # a new episode reads the goal again
+    policy.latch = ()
+    obs, _ = env.reset(seed=1_000_001)
+    run_chunk(obs)
+    run_chunk(obs)
+    assert torch.equal(fed[-1], located[-1]) and policy.session.latched is None  # off: the estimate every chunk
+    env.close()
+
+
+def test_latching_needs_a_localizer_and_an_eager_backend(localizer_run, tiny_checkpoint) -> None:
+    with pytest.raises(ValueError, match="no localizer"):
+        Policy.from_checkpoint(tiny_checkpoint).latch = GOAL
+    with pytest.raises(ValueError, match="runs on the backends"):
+        Policy.from_checkpoint(localizer_run, backend="compile").latch = GOAL
+    policy = Policy.from_checkpoint(localizer_run, backend="bf16")
+    policy.latch = GOAL
+    assert policy.latch == GOAL
+
+
+def test_eval_latches_the_goal_and_checks_the_names_first(localizer_run, tiny_checkpoint, tmp_path) -> None:
+    cfg = EvalConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path, checkpoint=localizer_run,
+                     workers=1, image_size=32, max_steps=10, videos=0, latch=GOAL, progress=False)
+    results = evaluate(cfg)
+    task = results["tasks"]["reach-v3"]
+    assert task["errors"] == 0, task["error_examples"]
+    assert results["latch"] == list(GOAL)
+    with pytest.raises(ValueError, match="cannot latch \\['goal'\\]"):
+        evaluate(dataclasses.replace(cfg, latch=("goal",)))
+    with pytest.raises(ValueError, match="has none \\(train it with --localizer\\)"):
+        evaluate(dataclasses.replace(cfg, checkpoint=tiny_checkpoint))
+    with pytest.raises(ValueError, match="pass --checkpoint"):
+        evaluate(dataclasses.replace(cfg, checkpoint=None))
