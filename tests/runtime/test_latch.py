@@ -125,3 +125,14 @@ def test_eval_latches_the_goal_and_checks_the_names_first(localizer_run, tiny_ch
         evaluate(dataclasses.replace(cfg, checkpoint=tiny_checkpoint))
     with pytest.raises(ValueError, match="pass --checkpoint"):
         evaluate(dataclasses.replace(cfg, checkpoint=None))
+
+
+def test_the_server_latches_per_connection_and_says_so(localizer_run, tiny_checkpoint) -> None:
+    from physis.runtime.server import ServeConfig, ServeError, server_from_config
+
+    threads = torch.get_num_threads()
+    server = server_from_config(ServeConfig(checkpoint=localizer_run, port=0, latch=GOAL))
+    torch.set_num_threads(threads)  # the server leaves the calling thread one; the tests after this want theirs
+    assert server.policy.latch == GOAL and server.metadata["checkpoint"]["latch"] == list(GOAL)
+    with pytest.raises(ServeError, match="--latch: .*no localizer"):
+        server_from_config(ServeConfig(checkpoint=tiny_checkpoint, port=0, latch=GOAL))

@@ -82,6 +82,9 @@ class ServeConfig:
     """Where the model runs: cpu, cuda, cuda:1, ..."""
     backend: str = "eager"
     """How it runs (physis.runtime.backends): eager, bf16, int8, compile, onnx, onnx-int8; on a GPU cuda-graph."""
+    latch: tuple[str, ...] = ()
+    """Environment-state values the localizer reads once per episode (from a 'reset') and then holds, e.g. goal_x
+    goal_y goal_z (physis.runtime.latch)."""
 
 
 @dataclass
@@ -116,7 +119,8 @@ class PolicyServer:
             "checkpoint": {"path": checkpoint, "step": policy.meta.get("step"),
                            "preset": policy.meta.get("model", {}).get("preset_name"),
                            "flow_steps": policy.flow_steps or policy.model.config.flow_steps,
-                           "subtask": bool(policy.model.config.subtask and len(policy.vocab.words))},
+                           "subtask": bool(policy.model.config.subtask and len(policy.vocab.words)),
+                           "latch": list(policy.latch)},
         }
         self._metadata_frame = wire.encode(self.metadata)
         self._counter = itertools.count()
@@ -331,6 +335,11 @@ def server_from_config(cfg: ServeConfig) -> PolicyServer:
     torch.set_num_threads(1)
     policy = Policy.from_checkpoint(cfg.checkpoint, embodiment=cfg.embodiment, flow_steps=cfg.flow_steps,
                                     seed=cfg.seed, device=cfg.device, backend=cfg.backend)
+    try:
+        policy.latch = cfg.latch
+    except ValueError as e:
+        torch.set_num_threads(threads)
+        raise ServeError(f"--latch: {e}") from None
     return PolicyServer(policy, host=cfg.host, port=cfg.port, api_key=cfg.api_key or os.environ.get(API_KEY_ENV),
                         max_batch=cfg.max_batch, batch_window_ms=cfg.batch_window_ms,
                         max_size=int(cfg.max_size_mb * 2**20), seed=cfg.seed, checkpoint=str(cfg.checkpoint),
