@@ -208,7 +208,8 @@ def exported_parts(model: PhysisModel, out_dir: str | Path) -> list[str]:
     if not marker.is_file():
         return []
     stamp = json.loads(marker.read_text())
-    if {k: stamp.get(k) for k in ("weights", "config", "torch")} != _stamp(model):
+    # compared as JSON, as written: a config's tuples read back as lists
+    if {k: stamp.get(k) for k in ("weights", "config", "torch")} != json.loads(json.dumps(_stamp(model))):
         return []
     return [p for p in stamp.get("parts", []) if (Path(out_dir) / f"{p}.onnx").is_file()]
 
