@@ -137,11 +137,8 @@ def _env_state_scale(data: Any) -> tuple[list[str], np.ndarray]:
     from physis.data.mixture import ENV_STATE
     from physis.data.stats import stats_from_json
 
-    ds = data.mixture.datasets[0]
-    width = int(ds.features[ENV_STATE]["shape"][0])
-    names = ds.features[ENV_STATE].get("names") or [f"{i}" for i in range(width)]
     own = next(iter(data.stats.values()))["stats"]
-    return names, np.maximum(np.asarray(stats_from_json(own)[ENV_STATE]["std"], dtype=np.float64), 1e-8)
+    return data.env_state_names, np.maximum(np.asarray(stats_from_json(own)[ENV_STATE]["std"], dtype=np.float64), 1e-8)
 
 
 def _env_state_residuals(model: Any, batch: dict[str, torch.Tensor], cache: Any) -> tuple[np.ndarray, np.ndarray]:
