@@ -7,6 +7,7 @@ import pytest
 
 from physis.data.reader import LeRobotDataset
 from physis.sim.collect import COLLECTION_META, CollectConfig, collect
+from physis.sim.metaworld_expert import FINGERTIP_OFFSET
 from physis.sim.metaworld_tasks import INSTRUCTIONS
 from physis.sim.seeds import EVAL_SEEDS, TRAIN_SEEDS
 from tests.data.lerobot_v3_conformance import check_lerobot_v3
@@ -79,9 +80,11 @@ def test_collect_records_the_environment_state_as_a_target(tmp_path):
     hand = ds.columns["observation.state"][:, :3]
     assert env.shape == (len(ds), 6) and np.isfinite(env).all()
     assert np.ptp(env[:, 3:], axis=0).max() < 1e-6  # reach: the goal stays put during the episode
-    # The expert succeeded, so its hand ends where the recorded goal is (reach succeeds within 5 cm).
-    assert np.linalg.norm(hand[-1] - env[-1, 3:]) < 0.06
-    assert np.linalg.norm(hand[0] - env[0, 3:]) > 0.06
+    # The expert succeeded, so its fingertips end where the recorded goal is (reach succeeds within 5 cm; the
+    # last recorded frame is the one before the successful step).
+    tips = hand + FINGERTIP_OFFSET
+    assert np.linalg.norm(tips[-1] - env[-1, 3:]) < 0.06
+    assert np.linalg.norm(tips[0] - env[0, 3:]) > 0.06
 
 
 def test_collect_max_frames_records_each_episode_s_opening_and_keeps_every_one(tmp_path):
