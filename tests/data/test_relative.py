@@ -3,7 +3,7 @@ import pytest
 
 from physis.data.mixture import ENV_STATE
 from physis.data.reader import LeRobotDataset
-from physis.data.relative import add_relative_env_state, relative_positions, robot_position
+from physis.data.relative import add_relative_env_state, near_positions, relative_positions, robot_position
 from physis.embodiment import load_embodiment
 
 
@@ -34,3 +34,28 @@ def test_a_dataset_gains_the_relative_positions_with_names_and_statistics(tiny_r
     np.testing.assert_allclose(ds[5][ENV_STATE][6:9], env[5, :3] - state[5, :3], atol=1e-6)
     np.testing.assert_allclose(ds.stats[ENV_STATE]["mean"][9:], (env[:, 3:] - state[:, :3]).mean(0), atol=1e-5)
     assert plain.stats[ENV_STATE]["mean"].shape == (6,)  # the file on disk is untouched
+
+
+def test_near_positions_resolve_centimetres_close_up_and_saturate_far_away() -> None:
+    near = near_positions(np.array([0.0, 0.01, -0.01, 0.5]), 0.04)
+    np.testing.assert_allclose(near[:3], [0.0, np.tanh(0.25), -np.tanh(0.25)])
+    assert near[3] > 0.9999  # 50 cm away: saturated, the plain relative value carries it
+    # a centimetre near the object moves the near value about 10x more than it moves at 10 cm away
+    assert near_positions(np.array(0.01), 0.04) - near_positions(np.array(0.0), 0.04) > \
+        10 * (near_positions(np.array(0.11), 0.04) - near_positions(np.array(0.10), 0.04))
+    with pytest.raises(ValueError, match="positive distance"):
+        near_positions(np.zeros(3), 0.0)
+
+
+def test_a_dataset_gains_the_near_field_positions_after_the_relative_ones(tiny_run) -> None:
+    root = tiny_run[0] / "demos"
+    relative, ds = LeRobotDataset(root), LeRobotDataset(root)
+    spec = load_embodiment("metaworld_sawyer")
+    add_relative_env_state(relative, spec)
+    add_relative_env_state(ds, spec, near=0.04)
+    names = relative.features[ENV_STATE]["names"]
+    assert ds.features[ENV_STATE]["shape"] == [18]
+    assert ds.features[ENV_STATE]["names"] == names + [f"{n}-near" for n in names[6:]]
+    np.testing.assert_allclose(ds[5][ENV_STATE][:12], relative[5][ENV_STATE])
+    np.testing.assert_allclose(ds[5][ENV_STATE][12:], np.tanh(relative[5][ENV_STATE][6:] / 0.04), atol=1e-6)
+    assert ds.stats[ENV_STATE]["std"].shape == (18,)

@@ -40,6 +40,23 @@ def test_held_values_come_back_in_model_units_with_their_robot_relative_counterp
     assert np.allclose(values[9:12], relative, atol=1e-6)
 
 
+def test_near_field_counterparts_follow_from_the_held_values_on_their_own_scale() -> None:
+    names = NAMES + [f"{n}-robot-near" for n in WORLD]
+    mean, std = np.linspace(-0.5, 0.5, 18), np.linspace(0.1, 0.3, 18)
+    spec = load_embodiment("metaworld_sawyer")
+    latch = EnvStateLatch(GOAL, names, mean, std, spec, near=0.04)
+    held = np.array([0.1, 0.7, 0.2])
+    hand = np.array([0.12, 0.65, 0.2, 0.5])
+    values, mask = latch.given(held, hand)
+    assert np.flatnonzero(mask).tolist() == [3, 4, 5, 9, 10, 11, 15, 16, 17]
+    near = np.tanh((held - hand[:3]) / 0.04)
+    assert np.allclose(values[15:18], (near - mean[15:18]) / std[15:18], atol=1e-6)
+    with pytest.raises(ValueError, match="cannot latch"):  # near-field values are not world-frame ones
+        EnvStateLatch(("goal_x-robot-near",), names, mean, std, spec, near=0.04)
+    with pytest.raises(ValueError, match="no near-field scale"):
+        EnvStateLatch(GOAL, names, mean, std, spec)
+
+
 def test_only_world_frame_values_the_checkpoint_names_can_be_latched() -> None:
     spec = load_embodiment("metaworld_sawyer")
     with pytest.raises(ValueError, match="cannot latch \\['goal_w'\\]"):

@@ -50,28 +50,30 @@ def test_a_keypoint_only_camera_is_named_and_saved_by_slot(tiny_run, tmp_path):
         build(dataclasses.replace(run, keypoints=None))
 
 
-@pytest.mark.parametrize(("localizer", "localizer_state", "relative", "teacher"),
-                         [(False, False, False, 0.0), (True, False, False, 0.0), (True, True, False, 0.0),
-                          (True, False, True, 0.5)])
+@pytest.mark.parametrize(("localizer", "localizer_state", "relative", "teacher", "near"),
+                         [(False, False, False, 0.0, 0.0), (True, False, False, 0.0, 0.0),
+                          (True, True, False, 0.0, 0.0), (True, False, True, 0.5, 0.04)])
 def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ignores_it(tiny_run, tmp_path, localizer,
                                                                                         localizer_state, relative,
-                                                                                        teacher):
+                                                                                        teacher, near):
     _, cmd, _ = tiny_run
     aux = dataclasses.replace(cmd, out=tmp_path / "aux", steps=2, save_every=2, env_state_weight=2.0,
                               first_frames_weight=3.0, localizer=localizer, keypoints=4 if localizer else None,
                               localizer_state=localizer_state, env_state_relative=relative,
-                              localizer_teacher=teacher)
+                              localizer_teacher=teacher, env_state_near=near)
     summary = train(aux)
     assert "env_state" in summary["final_losses"]
     config = load_checkpoint(aux.out, training_state=False).config
-    assert config["model"]["env_state_dim"] == (12 if relative else 6) and config["model"]["env_state_weight"] == 2.0
-    assert config["data"]["env_state_relative"] is relative
+    assert config["model"]["env_state_dim"] == 6 * (1 + relative + (near > 0))
+    assert config["model"]["env_state_weight"] == 2.0
+    assert config["data"]["env_state_relative"] is relative and config["data"]["env_state_near"] == near
     assert config["model"]["localizer"] is localizer
     assert config["model"]["localizer_state"] is localizer_state
     assert config["model"]["localizer_teacher"] == teacher
     assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
     world = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
-    assert config["env_state_names"] == world + ([f"{n}-robot" for n in world] if relative else [])
+    assert config["env_state_names"] == world + ([f"{n}-robot" for n in world] if relative else []) + \
+        ([f"{n}-robot-near" for n in world] if near else [])
     obs = example_observation(aux.out)
     assert "environment_state" not in json.dumps(sorted(obs))  # never a policy input
     assert Policy.from_checkpoint(aux.out).infer(obs)["actions"].shape[0] == cmd.horizon
@@ -80,8 +82,7 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
 
     r = evaluate_heads(HeadsConfig(checkpoint=aux.out, data=cmd.data[0], out=tmp_path / "heads", samples=8,
                                    batch_size=4, strip=1, progress=False))
-    names = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
-    names += [f"{n}-robot" for n in names] if relative else []
+    names = config["env_state_names"]
     assert list(r["env_state_mae"]) == names and list(r["env_state_mean_baseline_mae"]) == names
     assert all(np.isfinite(v) and v >= 0 for v in r["env_state_mae"].values())
     assert max(r["env_state_mean_baseline_mae"].values()) < 1.0  # metres: rescaled from normalized units
@@ -128,6 +129,10 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, keypoints=8, localizer=True, localizer_teacher=2.0))
     with pytest.raises(TrainSetupError, match="--env-state-relative extends"):
         build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_relative=True))
+    with pytest.raises(TrainSetupError, match="--env-state-near .* without --env-state-relative"):
+        build(dataclasses.replace(cmd, env_state_weight=1.0, env_state_near=0.04))
+    with pytest.raises(TrainSetupError, match="--env-state-near takes a positive distance"):
+        build(dataclasses.replace(cmd, env_state_weight=1.0, env_state_relative=True, env_state_near=-1.0))
     with pytest.raises(TrainSetupError, match="--first-frames-weight must be a positive number"):
         build(dataclasses.replace(cmd, first_frames_weight=0.0))
     with pytest.raises(TrainSetupError, match="--first-frames must be >= 1"):

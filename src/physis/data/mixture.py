@@ -44,6 +44,8 @@ class MixtureSource:
     normalize: Mapping[str, str] = field(default_factory=dict)  # feature -> Normalizer mode
     # append the environment state's positions relative to the robot's (`relative.add_relative_env_state`)
     env_state_relative: bool = False
+    # and those positions on the near-field scale tanh(relative / near) (m; 0: off; needs env_state_relative)
+    env_state_near: float = 0.0
 
 
 class DatasetMixture(torch.utils.data.Dataset):
@@ -100,7 +102,7 @@ class DatasetMixture(torch.utils.data.Dataset):
     def _read(s: MixtureSource, kwargs: dict[str, Any]) -> LeRobotDataset:
         ds = LeRobotDataset(s.root, **kwargs)
         if s.env_state_relative:
-            add_relative_env_state(ds, s.embodiment, ENV_STATE, s.state_key)
+            add_relative_env_state(ds, s.embodiment, ENV_STATE, s.state_key, near=s.env_state_near)
         return ds
 
     def __len__(self) -> int:

@@ -4,6 +4,11 @@ A camera on the hand sees an object where it is relative to the hand, not where 
 demonstrated approach is a function of that displacement. `add_relative_env_state` appends, to a dataset's
 observation.environment_state, each of its positions minus the robot's position (from the state), so a
 model can be trained to estimate both the world-frame and the robot-relative positions.
+
+With `near` > 0 it also appends tanh(displacement / near): the same displacement on a scale that saturates a
+few centimetres away and resolves millimetres close up. A grasp needs about 1 cm where the object is close,
+and on the plain relative scale (normalized by a spread of about 10 cm) a 1-2 cm error costs the estimate's
+loss almost nothing; on the near scale it costs about as much as a wrong direction far away.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from physis.embodiment import EmbodimentSpec
 
 ENV_STATE = "observation.environment_state"  # LeRobot's name for privileged simulator state
 POSITION_KINDS = ("eef_pos", "planar")  # state groups that hold the robot's position in the world frame
+RELATIVE_SUFFIX = "-robot"  # name of a world-frame value's robot-relative counterpart: NAME + suffix
+NEAR_SUFFIX = "-robot-near"  # and of its near-field counterpart, tanh(relative / near)
 
 
 def robot_position(spec: EmbodimentSpec) -> slice:
@@ -40,19 +47,28 @@ def relative_positions(env: np.ndarray, state: np.ndarray, position: slice) -> n
     return (env.reshape(*env.shape[:-1], -1, size) - robot[..., None, :]).reshape(env.shape)
 
 
+def near_positions(relative: np.ndarray, near: float) -> np.ndarray:
+    """Robot-relative positions on the near-field scale: tanh(relative / near), near in the data's units (m)."""
+    if not near > 0:
+        raise ValueError(f"the near-field scale must be a positive distance, got {near}")
+    return np.tanh(np.asarray(relative) / near)
+
+
 def add_relative_env_state(ds: LeRobotDataset, spec: EmbodimentSpec, env_key: str = ENV_STATE,
-                           state_key: str = "observation.state") -> None:
+                           state_key: str = "observation.state", near: float = 0.0) -> None:
     """Extends ds's environment state (values, names, statistics) in place from E to 2E values: the world-frame
-    positions, then the same minus the robot's position. A dataset without an environment state is left as is."""
+    positions, then the same minus the robot's position; with near > 0 to 3E values, adding the relative ones
+    on the near-field scale (`near_positions`). A dataset without an environment state is left as is."""
     if env_key not in ds.features or env_key not in ds.columns:
         return
     env = np.asarray(ds.columns[env_key], dtype=np.float32)
     relative = relative_positions(env, np.asarray(ds.columns[state_key], dtype=np.float32), robot_position(spec))
-    ds.columns[env_key] = np.concatenate([env, relative], axis=-1)
+    parts = [env, relative] + ([near_positions(relative, near).astype(np.float32)] if near else [])
+    ds.columns[env_key] = np.concatenate(parts, axis=-1)
     feature = dict(ds.features[env_key])
     width = env.shape[-1]
     names = list(feature.get("names") or [str(i) for i in range(width)])
-    feature["names"] = names + [f"{n}-robot" for n in names]
-    feature["shape"] = [2 * width]
+    feature["names"] = names + [n + RELATIVE_SUFFIX for n in names] + ([n + NEAR_SUFFIX for n in names] if near else [])
+    feature["shape"] = [len(parts) * width]
     ds.features[env_key] = feature
     ds.stats[env_key] = compute_stats(ds.columns[env_key])

@@ -4,8 +4,9 @@ A localizer learns from demonstrations, and along a demonstration the hand ends 
 images leave the goal uncertain, the estimate leans toward the hand. In closed loop that is a feedback loop:
 the hand strays, the estimated goal follows it, and the policy stops short. A goal does not move within an
 episode, so a policy can keep the estimate read at the episode's first chunk, before the hand has moved, and
-feed it to the model from then on. The robot-relative counterparts ("NAME-robot", see
-`physis.data.relative`) follow from the held value and the robot's current position.
+feed it to the model from then on. The robot-relative counterparts ("NAME-robot" and, on the near-field
+scale, "NAME-robot-near"; see `physis.data.relative`) follow from the held value and the robot's current
+position.
 """
 
 from __future__ import annotations
@@ -14,16 +15,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from physis.data.relative import robot_position
+from physis.data.relative import NEAR_SUFFIX, RELATIVE_SUFFIX, near_positions, robot_position
 from physis.data.stats import EPS
 from physis.embodiment import EmbodimentSpec
-
-RELATIVE_SUFFIX = "-robot"
 
 
 def latch_names(names: Sequence[str], env_state_names: Sequence[str]) -> tuple[str, ...]:
     """names, checked against a checkpoint's env_state_names: world-frame values, each once."""
-    world = [n for n in env_state_names if not n.endswith(RELATIVE_SUFFIX)]
+    world = [n for n in env_state_names if not n.endswith((RELATIVE_SUFFIX, NEAR_SUFFIX))]
     if not env_state_names:
         raise ValueError("latching needs a checkpoint whose localizer estimates a named environment state "
                          "(config.json env_state_names); this one lists none")
@@ -40,9 +39,10 @@ class EnvStateLatch:
     """Which environment-state values are held, and how they go to and from the model's normalized units."""
 
     def __init__(self, names: Sequence[str], env_state_names: Sequence[str], mean: np.ndarray, std: np.ndarray,
-                 spec: EmbodimentSpec) -> None:
+                 spec: EmbodimentSpec, near: float = 0.0) -> None:
         """names: the values to hold, among env_state_names (the checkpoint's, in the model's order) and not
-        robot-relative ones; mean/std: the checkpoint's environment-state normalization; spec: the robot."""
+        robot-relative ones; mean/std: the checkpoint's environment-state normalization; spec: the robot;
+        near: the near-field scale of the "-robot-near" values (the checkpoint's data.env_state_near)."""
         env_state_names = list(env_state_names)
         self.names = latch_names(names, env_state_names)
         if len(mean) != len(env_state_names) or len(std) != len(env_state_names):
@@ -50,15 +50,20 @@ class EnvStateLatch:
         self.width = len(env_state_names)
         self.index = np.array([env_state_names.index(n) for n in names], dtype=np.int64)
         self.mean, self.std = np.asarray(mean, np.float64), np.maximum(np.asarray(std, np.float64), EPS)
-        # (relative index, world index, axis of the robot's position) for each held value with a counterpart
+        # (relative index, world index, axis of the robot's position) for each held value with a counterpart,
+        # and the same for the near-field counterparts
         self.relative: list[tuple[int, int, int]] = []
-        rel_names = [n + RELATIVE_SUFFIX for n in names]
-        if any(r in env_state_names for r in rel_names):
-            self.position = robot_position(spec)
-            size = self.position.stop - self.position.start
-            for world_i, rel in zip(self.index, rel_names, strict=True):
-                if rel in env_state_names:  # positions come in blocks of the robot's position size, as relative.py
-                    self.relative.append((env_state_names.index(rel), int(world_i), int(world_i) % size))
+        self.near_relative: list[tuple[int, int, int]] = []
+        self.near = near
+        for suffix, found in ((RELATIVE_SUFFIX, self.relative), (NEAR_SUFFIX, self.near_relative)):
+            for world_i, name in zip(self.index, names, strict=True):
+                if name + suffix in env_state_names:  # positions come in blocks of the robot's position size
+                    self.position = robot_position(spec)
+                    size = self.position.stop - self.position.start
+                    found.append((env_state_names.index(name + suffix), int(world_i), int(world_i) % size))
+        if self.near_relative and not near > 0:
+            raise ValueError("the checkpoint estimates near-field positions (NAME-robot-near) but no near-field "
+                             "scale was given (its data.env_state_near)")
 
     def hold(self, estimate: np.ndarray) -> np.ndarray:
         """The normalized estimate (env_state_dim,) -> the held values (len(names),) in the data's units."""
@@ -74,9 +79,12 @@ class EnvStateLatch:
         native = np.zeros(self.width, np.float64)
         native[self.index] = held
         mask[self.index] = True
-        robot = np.asarray(state, np.float64)[self.position] if self.relative else None
+        robot = np.asarray(state, np.float64)[self.position] if self.relative or self.near_relative else None
         for rel, world_i, axis in self.relative:
             native[rel] = native[world_i] - robot[axis]
+            mask[rel] = True
+        for rel, world_i, axis in self.near_relative:
+            native[rel] = near_positions(native[world_i] - robot[axis], self.near)
             mask[rel] = True
         values[mask] = ((native - self.mean) / self.std)[mask]
         return values, mask

@@ -164,7 +164,8 @@ class Policy:
         if self._env_stats is None:
             raise CheckpointMismatchError("the checkpoint has no environment-state statistics to latch with")
         self._latch = EnvStateLatch(names, self.meta.get("env_state_names") or [], self._env_stats["mean"],
-                                    self._env_stats["std"], self.spec)
+                                    self._env_stats["std"], self.spec,
+                                    near=float(self.meta["data"].get("env_state_near", 0.0)))
 
     def reset(self) -> None:
         self.session.reset()

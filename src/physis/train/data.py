@@ -40,6 +40,7 @@ class DataConfig:
     cameras: tuple[str, ...] = ()  # camera names in slot order (e.g. "front"); empty: each dataset's, sorted
     # extend the environment-state target with its positions minus the robot's (`data.relative`)
     env_state_relative: bool = False
+    env_state_near: float = 0.0  # and the relative positions as tanh(relative / near), near in m (0: off)
 
     @property
     def future(self) -> int:
@@ -119,7 +120,7 @@ class TrainingData:
         norm = {"observation.state": self.cfg.state_norm, "action": self.cfg.action_norm, ENV_STATE: "mean_std"}
         cams = [f"observation.images.{c}" for c in self.cfg.cameras] or None
         sources = [MixtureSource(r, s, weight=w, cameras=cams, normalize=norm,
-                                 env_state_relative=self.cfg.env_state_relative)
+                                 env_state_relative=self.cfg.env_state_relative, env_state_near=self.cfg.env_state_near)
                    for r, s, w in zip(roots, specs, weights or [1.0] * len(roots), strict=True)]
         self.mixture = DatasetMixture(sources, history=self.cfg.history, chunk=self.cfg.horizon,
                                       image_size=(self.cfg.image_size, self.cfg.image_size),

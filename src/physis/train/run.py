@@ -74,6 +74,10 @@ class TrainCommand:
     # add to the environment-state target its positions relative to the robot's (object minus hand): what a
     # camera on the hand sees, and what an approach must move by; needs --env-state-weight
     env_state_relative: bool = False
+    # add the relative positions once more as tanh(relative / near) (near in m, e.g. 0.04): a scale on which a
+    # 1 cm error close to an object costs the loss as much as a wrong direction far away; needs
+    # --env-state-relative. 0: off
+    env_state_near: float = 0.0
     # feed this fraction of training rows the true environment state in place of the localizer's estimate, so
     # the action expert learns to follow the token rather than read the goal off the hand's path; needs
     # --localizer. 0: off
@@ -130,6 +134,10 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     if cmd.env_state_relative and not cmd.env_state_weight:
         raise TrainSetupError("--env-state-relative extends the environment-state target, which is off: set "
                               "--env-state-weight too")
+    if cmd.env_state_near < 0 or (cmd.env_state_near and not cmd.env_state_relative):
+        raise TrainSetupError(f"--env-state-near takes a positive distance in m and needs --env-state-relative "
+                              f"(it rescales the relative positions), got {cmd.env_state_near}"
+                              f"{'' if cmd.env_state_relative else ' without --env-state-relative'}")
     vocab = None
     space = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
@@ -141,7 +149,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         vocab = SubtaskVocab(base.config["model"]["subtask_vocab"])
     data = TrainingData(list(cmd.data), DataConfig(horizon=cmd.horizon, history=cmd.history,
                                                    image_size=cmd.image_size, cameras=tuple(cmd.cameras),
-                                                   env_state_relative=cmd.env_state_relative),
+                                                   env_state_relative=cmd.env_state_relative,
+                                                   env_state_near=cmd.env_state_near),
                         embodiments=list(cmd.embodiments) or None, weights=list(cmd.weights) or None,
                         space=space, vocab=vocab)
     keypoint_only = _camera_slots(data, cmd.keypoint_only_cameras)
