@@ -7,7 +7,8 @@
 - subtask: exact-match accuracy of the generated subtask against the expert's label;
 - progress: Pearson correlation and mean absolute error against true progress (frame / length);
 - environment state (the auxiliary head, where the checkpoint has one and the data records it): mean absolute
-  error per coordinate in the data's units (metres), beside the baseline that always answers the mean; the
+  error per coordinate in the data's units (metres; the near-field values `NAME-robot-near` are tanh of a
+  displacement, unitless), beside the baseline that always answers the mean; the
   same over every episode's first `first_frames` frames alone, where a policy cannot yet read the goal from
   how far the hand has come along a demonstrated path and has to find it in the pixels. With a localizer, also
   the action error there with its estimate and with the true state in its token: does the expert follow it?
