@@ -74,8 +74,8 @@ class TrainCommand:
     # add to the environment-state target its positions relative to the robot's (object minus hand): what a
     # camera on the hand sees, and what an approach must move by; needs --env-state-weight
     env_state_relative: bool = False
-    # add the relative positions once more as tanh(relative / near) (near in m, e.g. 0.04): a scale on which a
-    # 1 cm error close to an object costs the loss as much as a wrong direction far away; needs
+    # add the relative positions once more as tanh(relative / near) (near in m, e.g. 0.04): a scale on which
+    # the last centimetres of an approach dominate the loss, where a grasp needs about 1 cm; needs
     # --env-state-relative. 0: off
     env_state_near: float = 0.0
     # feed this fraction of training rows the true environment state in place of the localizer's estimate, so
