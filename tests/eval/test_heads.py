@@ -28,3 +28,18 @@ def test_per_task_errors_come_with_a_baseline_that_knows_the_task_but_not_the_sc
     # each frame against the mean of the other episodes: |1 - 4|, |2 - 3.5|, |6 - 1.5| -> mean 3.0 -> 0.3 m
     assert r["a"]["task_baseline_mae"] == pytest.approx({"x": 0.3, "y": 0.0})
     assert r["b"]["task_baseline_mae"] is None  # one episode: no other to average
+
+
+def test_episodes_the_expert_failed_are_not_given_a_task(tmp_path: Path) -> None:
+    import json
+
+    from physis.eval.heads import _episode_tasks
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    episodes = [{"task": "push-v3", "seed": 7, "success": False, "episode_index": None},  # tried, not written
+                {"task": "push-v3", "seed": 8, "success": True, "episode_index": 0},
+                {"task": "reach-v3", "seed": 9, "success": True, "episode_index": 1}]
+    (meta / "collection.json").write_text(json.dumps({"episodes": episodes}))
+    assert _episode_tasks(tmp_path) == {0: "push-v3", 1: "reach-v3"}
+    assert _episode_tasks(tmp_path / "elsewhere") is None  # not made by `physis collect`

@@ -211,13 +211,15 @@ def _actions_with_true_state(model: Any, data: Any, batches: list[list[int]], se
 
 
 def _episode_tasks(root: Path) -> dict[int, str] | None:
-    """Episode index -> task name, from `collection.json`; None for datasets `physis collect` did not make."""
+    """Episode index -> task name, from `collection.json`; None for datasets `physis collect` did not make. The log
+    also lists episodes the expert failed, which were not written (their index is null): they are skipped."""
     from physis.data.layout import read_collection_meta
 
     meta = read_collection_meta(root)
     if meta is None:
         return None
-    return {int(e["episode_index"]): str(e["task"]) for e in meta.get("episodes", [])}
+    return {int(e["episode_index"]): str(e["task"]) for e in meta.get("episodes", [])
+            if e.get("episode_index") is not None}
 
 
 def env_state_by_task(err: np.ndarray, target: np.ndarray, tasks: np.ndarray, episodes: np.ndarray,
