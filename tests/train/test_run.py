@@ -81,7 +81,7 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     from physis.eval.heads import HeadsConfig, evaluate_heads
 
     r = evaluate_heads(HeadsConfig(checkpoint=aux.out, data=cmd.data[0], out=tmp_path / "heads", samples=8,
-                                   batch_size=4, strip=1, progress=False))
+                                   batch_size=4, strip=1, progress=False, near_object=0.1 if relative else 0.0))
     names = config["env_state_names"]
     assert list(r["env_state_mae"]) == names and list(r["env_state_mean_baseline_mae"]) == names
     assert all(np.isfinite(v) and v >= 0 for v in r["env_state_mae"].values())
@@ -99,6 +99,23 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
         assert set(by_task["reach-v3"]["action_mse"]) == {"estimate", "true_env_state"}
     else:
         assert "first_frames_action_mse" not in r and "action_mse" not in by_task["reach-v3"]
+    if relative:  # the frames where the hand is within 10 cm of the object, counted here from the raw columns
+        from physis.data.relative import robot_position
+        from physis.embodiment import load_embodiment
+
+        demos = LeRobotDataset(cmd.data[0])
+        hand = np.asarray(demos.columns["observation.state"])[:, robot_position(load_embodiment("metaworld_sawyer"))]
+        gap = np.linalg.norm(np.asarray(demos.columns["observation.environment_state"])[:, :3] - hand, axis=-1)
+        assert r["env_state_near_object"] == 0.1
+        assert r["env_state_near_object_samples"] == int((gap < 0.1).sum()) > 0
+        assert list(r["env_state_near_object_mae"]) == names
+        assert sum(t["frames"] for t in r["env_state_near_object_by_task"].values()) == int((gap < 0.1).sum())
+        assert set(r["near_object_action_mse"]) == {"estimate", "true_env_state"}
+    else:
+        assert "env_state_near_object" not in r
+        with pytest.raises(ValueError, match="trained without --env-state-relative"):
+            evaluate_heads(HeadsConfig(checkpoint=aux.out, data=cmd.data[0], out=tmp_path / "heads", samples=4,
+                                       batch_size=4, progress=False, first_frames=0, near_object=0.1))
 
 
 def test_the_environment_state_head_needs_data_that_records_it(tmp_path):

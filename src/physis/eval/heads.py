@@ -10,8 +10,10 @@
   error per coordinate in the data's units (metres; the near-field values `NAME-robot-near` are tanh of a
   displacement, unitless), beside the baseline that always answers the mean; the
   same over every episode's first `first_frames` frames alone, where a policy cannot yet read the goal from
-  how far the hand has come along a demonstrated path and has to find it in the pixels. With a localizer, also
-  the action error there with its estimate and with the true state in its token: does the expert follow it?
+  how far the hand has come along a demonstrated path and has to find it in the pixels, and (`near_object`)
+  over the frames where the hand is within a few centimetres of the object, where a grasp is decided. With a
+  localizer, also the action error there with its estimate and with the true state in its token: does the
+  expert follow it?
 
 Use demonstrations the checkpoint did not train on, e.g. `physis collect ... --seed 500000`.
 """
@@ -39,6 +41,9 @@ class HeadsConfig:
     seed: int = 0
     strip: int = 6  # examples in the world-model PNG strip
     first_frames: int = 1  # environment-state error also over each episode's first N frames alone (0: off)
+    # environment-state error also over the frames where the hand is within this many metres of the object (0: off;
+    # needs a checkpoint trained with --env-state-relative)
+    near_object: float = 0.0
     progress: bool = True
 
 
@@ -114,6 +119,8 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
         results.update(_env_state_errors(np.concatenate(acc["env_err"]), np.concatenate(acc["env_base"]), data))
         if cfg.first_frames > 0:
             results.update(_first_frames_env_state(model, data, cfg))
+        if cfg.near_object > 0:
+            results.update(_near_object_env_state(model, data, cfg))
     if acc["wm_mse"]:
         results["world_model_latent_mse"] = float(np.mean(acc["wm_mse"]))
         results["copy_baseline_latent_mse"] = float(np.mean(acc["copy_mse"]))
@@ -152,9 +159,39 @@ def _env_state_residuals(model: Any, batch: dict[str, torch.Tensor], cache: Any)
 def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
     """The environment-state errors over every episode's first `cfg.first_frames` frames (all of them, in order),
     overall and, for datasets `physis collect` made, per task."""
-    ds = data.mixture.datasets[0]
-    frame_index = np.asarray(ds.columns["frame_index"])
+    frame_index = np.asarray(data.mixture.datasets[0].columns["frame_index"])
     rows = np.flatnonzero(frame_index < cfg.first_frames).tolist()
+    return {"env_state_first_frames": cfg.first_frames,
+            **_env_state_on_rows(model, data, cfg, rows, "env_state_first_frames", "first_frames")}
+
+
+def _near_object_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
+    """The environment-state errors over the frames where the hand is within `cfg.near_object` of the object (the
+    environment state's first position, by the data's own object-minus-hand values): where a grasp is decided."""
+    from physis.data.mixture import ENV_STATE
+    from physis.data.relative import RELATIVE_SUFFIX, robot_position
+
+    names = data.env_state_names
+    relative = [i for i, n in enumerate(names) if n.endswith(RELATIVE_SUFFIX)]
+    if not relative:
+        raise ValueError("--near-object selects frames by the object minus the hand, which this checkpoint does not "
+                         "estimate: it was trained without --env-state-relative")
+    position = robot_position(data.embodiments[0])
+    first = relative[: position.stop - position.start]  # the first position's robot-relative values
+    env = np.asarray(data.mixture.datasets[0].columns[ENV_STATE], dtype=np.float64)
+    rows = np.flatnonzero(np.linalg.norm(env[:, first], axis=-1) < cfg.near_object).tolist()
+    if not rows:
+        return {"env_state_near_object": cfg.near_object, "env_state_near_object_samples": 0}
+    return {"env_state_near_object": cfg.near_object,
+            **_env_state_on_rows(model, data, cfg, rows, "env_state_near_object", "near_object")}
+
+
+def _env_state_on_rows(model: Any, data: Any, cfg: HeadsConfig, rows: list[int], key: str,
+                       label: str) -> dict[str, Any]:
+    """The environment-state errors over the dataset rows `rows` (all of them, in order), beside the mean
+    baseline, overall and, for datasets `physis collect` made, per task; with a localizer, also the first chunk's
+    action error with its estimate and with the true state in its token."""
+    ds = data.mixture.datasets[0]
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     err, base, target = [], [], []
     with torch.no_grad():
@@ -166,12 +203,11 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
             target.append((batch["env_state"] * batch["env_state_mask"].float()).numpy())
     errors = np.concatenate(err)
     found = _env_state_errors(errors, np.concatenate(base), data)
-    results = {"env_state_first_frames": cfg.first_frames, "env_state_first_frames_samples": len(rows),
-               "env_state_first_frames_mae": found["env_state_mae"],
-               "env_state_first_frames_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
+    results = {f"{key}_samples": len(rows), f"{key}_mae": found["env_state_mae"],
+               f"{key}_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
     followed = _actions_with_true_state(model, data, batches, cfg.seed) if model.config.localizer else None
     if followed is not None:
-        results["first_frames_action_mse"] = {k: float(v.mean()) for k, v in followed.items()}
+        results[f"{label}_action_mse"] = {k: float(v.mean()) for k, v in followed.items()}
     tasks = _episode_tasks(ds.root)
     if tasks is not None:
         episode = np.asarray(ds.columns["episode_index"])[rows]
@@ -180,7 +216,7 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
         by_task = env_state_by_task(errors, np.concatenate(target), task_of_row, episode, names, std)
         for task, entry in by_task.items() if followed is not None else ():
             entry["action_mse"] = {k: float(v[task_of_row == task].mean()) for k, v in followed.items()}
-        results["env_state_first_frames_by_task"] = by_task
+        results[f"{key}_by_task"] = by_task
     return results
 
 
