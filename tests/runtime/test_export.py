@@ -79,7 +79,7 @@ def test_onnx_flow_graph_inpaints_like_the_model(model, onnx_dir) -> None:
     assert np.array_equal(out[:, :2], target[:, :2].numpy())
 
 
-@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1)])
+@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1), ("compile-bf16", 0.1)])
 def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
     batch = batch_of(model, 2, seed=3)
     noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(3))
@@ -87,6 +87,24 @@ def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
     _, out = make_engine(model, backend).chunk(batch, steps=3, noise=noise, subtask=False)
     assert out.dtype == torch.float32 and (out - ref).abs().max() < tol
     assert next(model.parameters()).dtype == torch.float32  # the engines work on copies
+
+
+def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
+    engine = make_engine(model, "compile-bf16")
+    g = torch.Generator().manual_seed(5)
+    noise, target = torch.randn(2, H, A, generator=g), torch.randn(2, H, A, generator=g)
+    weights = torch.zeros(2, H)
+    weights[:, :2], weights[:, 2:4] = 1.0, 0.5
+    for text in (24, 9):  # two instruction lengths, so two context lengths (padded to a multiple of 32)
+        batch = batch_of(model, 2, seed=5)
+        batch["text"], batch["text_mask"] = batch["text"][:, :text], batch["text_mask"][:, :text]
+        cache = model.generate_subtask(model.encode_prefix(batch, pooled=False))[1]
+        ref = model.sample_actions(cache=cache, noise=noise, steps=3, prefix_actions=target, prefix_weights=weights)
+        ids, ours = engine.generate_subtask(engine.encode_prefix(batch))
+        assert torch.equal(ids, cache.subtask_ids)  # the bf16 trunk reasons as the float32 one on this batch
+        out = engine.sample_actions(cache=ours, noise=noise, steps=3, prefix_actions=target, prefix_weights=weights)
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1
+        assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())  # committed: exact
 
 
 def test_unknown_backend_and_part_are_reported(model, tmp_path) -> None:

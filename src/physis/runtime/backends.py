@@ -9,6 +9,9 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   bf16       a bf16 copy of the weights; the Euler state stays float32
   int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
+  compile-bf16  the same on a bf16 copy of the weights, with inductor's freezing (weights folded in as prepacked
+             constants) and its C++ wrapper, and the whole K-step flow loop as one graph; the Euler state stays
+             float32. Each graph compiles on first use (about a minute per input shape on 2 cores)
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
@@ -26,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target
@@ -34,7 +38,11 @@ from physis.model.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "bf16", "int8", "compile", "onnx", "onnx-int8", "cuda-graph")
+BACKENDS = ("eager", "bf16", "int8", "compile", "compile-bf16", "onnx", "onnx-int8", "cuda-graph")
+# inductor settings of compile-bf16: at batch 1 a flow step is ~90 small operations, and the C++ wrapper and
+# prepacked bf16 weights are what make compiling pay there (docs/benchmarks/runtime.md)
+FROZEN_CPP = {"freezing": True, "cpp_wrapper": True}
+CONTEXT_ROUNDING = 32  # compile-bf16 pads the flow's context to a multiple of this many keys
 Batch = dict[str, torch.Tensor]
 
 
@@ -133,18 +141,49 @@ class CompiledEngine(_LoopEngine):
 
     backend = "compile"
 
-    def __init__(self, model: PhysisModel) -> None:
+    def __init__(self, model: PhysisModel, dtype: torch.dtype = torch.float32,
+                 options: dict[str, Any] | None = None, unrolled: bool = False) -> None:
+        """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP);
+        `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count)."""
         from physis.runtime.export import PrefixEncoder, VelocityNet
 
-        super().__init__(model)
-        self._encoder = torch.compile(PrefixEncoder(self.model), dynamic=False)
-        self._velocity = torch.compile(VelocityNet(self.model), dynamic=False)
+        super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
+        self._options = options
+        self._encoder = torch.compile(PrefixEncoder(self.net), dynamic=False, options=options)
+        self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
+        self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
+
+    @torch.inference_mode()
+    def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
+                       generator: torch.Generator | None = None, cache: PrefixCache | None = None,
+                       prefix_actions: torch.Tensor | None = None,
+                       prefix_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self._samplers is None or self.config.action_head != "flow":
+            return super().sample_actions(batch, steps, noise, generator, cache, prefix_actions, prefix_weights)
+        from physis.runtime.export import FlowSampler
+
+        cache = self._cache_for(batch, cache)
+        steps = steps or self.config.flow_steps
+        shape = (cache.batch_size, self.config.horizon, self.config.action_dim)
+        device = cache.mask.device
+        x = noise.float() if noise is not None else torch.randn(shape, generator=generator, device=device)
+        if prefix_actions is None or prefix_weights is None:  # all-zero weights: every step free
+            prefix_actions, prefix_weights = torch.zeros(shape, device=device), torch.zeros(shape[:2], device=device)
+        if steps not in self._samplers:
+            self._samplers[steps] = torch.compile(FlowSampler(self.net, steps), dynamic=False, options=self._options)
+        # the context (prefix + subtask) varies with the instruction and the subtask; padded with masked keys to a
+        # multiple of CONTEXT_ROUNDING, a few graphs serve every length instead of one compile per length
+        pad = -cache.mask.shape[1] % CONTEXT_ROUNDING
+        keys = F.pad(torch.stack(cache.keys), (0, 0, 0, pad))
+        values = F.pad(torch.stack(cache.values), (0, 0, 0, pad))
+        return self._samplers[steps](x, keys, values, F.pad(cache.mask, (0, pad), value=False), cache.action_mask,
+                                     prefix_actions.float(), prefix_weights.float())
 
     @torch.inference_mode()
     def encode_prefix(self, batch: Batch) -> PrefixCache:
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
-        batch = with_action_mask(batch, self.config.action_dim)
+        batch = with_action_mask(self.inputs(batch), self.config.action_dim)
         keys, values, mask = self._encoder(*(batch[k] for k in BATCH_KEYS))
         return stacked_cache(keys, values, mask, batch["action_mask"].bool())
 
@@ -279,6 +318,8 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         engine = Engine(model, net)
     elif backend == "compile":
         engine = CompiledEngine(model)
+    elif backend == "compile-bf16":
+        engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True)
     elif backend == "cuda-graph":
         from physis.runtime.graphs import GraphEngine
 
