@@ -223,7 +223,7 @@ def _row(cfg: LatencyBenchConfig, name: str, model: PhysisModel, batch: dict[str
     if key not in memo:
         memo[key] = count_flops(model, batch, timer.steps, timer.cache, cfg.subtask)
     flops, tokens = memo[key]
-    dtype = "bfloat16" if timer.engine.backend == "bf16" else "float32"
+    dtype = "bfloat16" if timer.engine.dtype == torch.bfloat16 else "float32"
     if ("floor", flops, dtype) not in memo:
         memo["floor", flops, dtype] = matmul_floor_ms(flops, getattr(torch, dtype), device=timer.device)
     floor = memo["floor", flops, dtype]
