@@ -57,7 +57,7 @@ class LatencyBenchConfig:
     cache: tuple[bool, ...] = (True, False)
     """With and without the prefix cache."""
     backends: tuple[str, ...] = tuple(b for b in BACKENDS if b not in GPU_ONLY)
-    """Inference backends (eager, bf16, int8, compile, onnx, onnx-int8; on a GPU also cuda-graph)."""
+    """Inference backends (eager, bf16, int8, compile, compile-bf16, onnx, onnx-int8; on a GPU also cuda-graph)."""
     expert_depth: int = 0
     """Action-expert layers of the presets (0: one per trunk layer, the presets' own)."""
     cameras: int = 2
