@@ -43,3 +43,16 @@ def test_episodes_the_expert_failed_are_not_given_a_task(tmp_path: Path) -> None
     (meta / "collection.json").write_text(json.dumps({"episodes": episodes}))
     assert _episode_tasks(tmp_path) == {0: "push-v3", 1: "reach-v3"}
     assert _episode_tasks(tmp_path / "elsewhere") is None  # not made by `physis collect`
+
+
+def test_a_near_object_radius_must_be_a_distance_and_needs_relative_targets() -> None:
+    from physis.eval.heads import _check_near_object
+
+    relative = ["object_x", "object_x-robot"]
+    _check_near_object(0.05, relative)
+    _check_near_object(0.0, ["object_x"])  # off: nothing to check
+    for bad in (-0.05, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="distance in metres"):
+            _check_near_object(bad, relative)
+    with pytest.raises(ValueError, match="trained without --env-state-relative"):
+        _check_near_object(0.05, ["object_x"])

@@ -55,6 +55,18 @@ def _check_cameras(trained: dict[str, list[str]], found: dict[str, list[str]], r
                              f"{list(trained[robot])} (collect with --cameras {' '.join(trained[robot])})")
 
 
+def _check_near_object(near_object: float, names: list[str]) -> None:
+    """Refuse a --near-object radius that is not a distance, or a checkpoint that does not estimate the object
+    minus the hand (the frames are picked by those values)."""
+    from physis.data.relative import RELATIVE_SUFFIX
+
+    if not (near_object >= 0 and np.isfinite(near_object)):
+        raise ValueError(f"--near-object must be a distance in metres >= 0 (0: off), got {near_object}")
+    if near_object > 0 and not any(n.endswith(RELATIVE_SUFFIX) for n in names):
+        raise ValueError("--near-object selects frames by the object minus the hand, which this checkpoint does not "
+                         "estimate: it was trained without --env-state-relative")
+
+
 def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
     from physis.embodiment import UnifiedSpace
     from physis.model.config import ModelConfig
@@ -72,6 +84,7 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
                         space=UnifiedSpace.from_dict(ckpt.config["unified_space"]),
                         vocab=SubtaskVocab(model_cfg.subtask_vocab), stats=ckpt.stats)
     _check_cameras(ckpt.config.get("cameras", {}), data.meta()["cameras"], cfg.data)
+    _check_near_object(cfg.near_object, data.env_state_names)
     vocab = data.vocab
     steps = max(1, cfg.samples // cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -162,7 +175,7 @@ def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str
     frame_index = np.asarray(data.mixture.datasets[0].columns["frame_index"])
     rows = np.flatnonzero(frame_index < cfg.first_frames).tolist()
     return {"env_state_first_frames": cfg.first_frames,
-            **_env_state_on_rows(model, data, cfg, rows, "env_state_first_frames", "first_frames")}
+            **_env_state_on_rows(model, data, cfg, rows, "first_frames")}
 
 
 def _near_object_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
@@ -171,11 +184,7 @@ def _near_object_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str,
     from physis.data.mixture import ENV_STATE
     from physis.data.relative import RELATIVE_SUFFIX, robot_position
 
-    names = data.env_state_names
-    relative = [i for i, n in enumerate(names) if n.endswith(RELATIVE_SUFFIX)]
-    if not relative:
-        raise ValueError("--near-object selects frames by the object minus the hand, which this checkpoint does not "
-                         "estimate: it was trained without --env-state-relative")
+    relative = [i for i, n in enumerate(data.env_state_names) if n.endswith(RELATIVE_SUFFIX)]
     position = robot_position(data.embodiments[0])
     first = relative[: position.stop - position.start]  # the first position's robot-relative values
     env = np.asarray(data.mixture.datasets[0].columns[ENV_STATE], dtype=np.float64)
@@ -183,14 +192,14 @@ def _near_object_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str,
     if not rows:
         return {"env_state_near_object": cfg.near_object, "env_state_near_object_samples": 0}
     return {"env_state_near_object": cfg.near_object,
-            **_env_state_on_rows(model, data, cfg, rows, "env_state_near_object", "near_object")}
+            **_env_state_on_rows(model, data, cfg, rows, "near_object")}
 
 
-def _env_state_on_rows(model: Any, data: Any, cfg: HeadsConfig, rows: list[int], key: str,
-                       label: str) -> dict[str, Any]:
+def _env_state_on_rows(model: Any, data: Any, cfg: HeadsConfig, rows: list[int], label: str) -> dict[str, Any]:
     """The environment-state errors over the dataset rows `rows` (all of them, in order), beside the mean
     baseline, overall and, for datasets `physis collect` made, per task; with a localizer, also the first chunk's
-    action error with its estimate and with the true state in its token."""
+    action error with its estimate and with the true state in its token. Keys: env_state_LABEL_*, LABEL_action_mse."""
+    key = f"env_state_{label}"
     ds = data.mixture.datasets[0]
     batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
     err, base, target = [], [], []
