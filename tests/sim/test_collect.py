@@ -70,6 +70,30 @@ def test_collect_in_h264_reads_back_like_av1(tmp_path):
     assert diff < 0.05
 
 
+def test_collect_crf_sets_the_h264_quality_and_zero_keeps_the_rendered_frames(tmp_path):
+    from physis.sim.base import EnvConfig
+    from physis.sim.rollout import record_expert_episode
+    from physis.sim.suites import make_env
+
+    common = dict(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, image_size=32, workers=1, progress=False,
+                  codec="h264")
+    collect(CollectConfig(out=tmp_path / "q0", crf=0, **common))
+    collect(CollectConfig(out=tmp_path / "q23", **common))
+    info = json.loads((tmp_path / "q0" / "meta" / "info.json").read_text())
+    assert info["features"]["observation.images.corner"]["info"]["video.crf"] == 0
+    seed = json.loads((tmp_path / "q0" / "meta" / COLLECTION_META).read_text())["episodes"][0]["seed"]
+    rendered = record_expert_episode(make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32)), seed)
+    truth = rendered.frames["observation.images.corner"][7].astype(np.float32) / 255
+
+    def error(name: str) -> float:
+        img = LeRobotDataset(tmp_path / name)[7]["observation.images.corner"].permute(1, 2, 0).numpy()
+        return float(np.abs(img - truth).mean())
+
+    assert error("q0") < error("q23")  # only the colour subsampling is left at crf 0
+    with pytest.raises(ValueError, match="--crf"):
+        collect(CollectConfig(out=tmp_path / "bad", crf=99, **common))
+
+
 def test_collect_records_the_environment_state_as_a_target(tmp_path):
     collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path / "d", image_size=16,
                           workers=1, progress=False))

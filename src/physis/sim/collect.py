@@ -48,6 +48,9 @@ class CollectConfig:
     overwrite: bool = False
     progress: bool = True
     codec: Literal["av1", "h264"] = "av1"  # h264: libx264 (SVT-AV1 can stall for good when cores are oversubscribed)
+    # the encoder's constant rate factor; None: the codec's default (av1 30, h264 23). h264 at 0 stores the frames'
+    # YUV samples losslessly (colour is still subsampled 2x2, as in every LeRobot video)
+    crf: int | None = None
     # DART: run the expert's action plus Gaussian noise of this std (a fraction of each action's half-range) and
     # record the expert's own action, so the data shows how to recover from small errors (0: off)
     action_noise: float = 0.0
@@ -60,8 +63,8 @@ class CollectConfig:
     def encoder(self) -> EncoderConfig:
         """AV1 (SVT, LeRobot's default) or H.264, both with a keyframe every 2 frames for cheap random access."""
         if self.codec == "h264":
-            return EncoderConfig(codec="libx264", gop=2, crf=23, preset="veryfast")
-        return EncoderConfig()
+            return EncoderConfig(codec="libx264", gop=2, crf=23 if self.crf is None else self.crf, preset="veryfast")
+        return EncoderConfig() if self.crf is None else EncoderConfig(crf=self.crf)
 
 
 @dataclass
@@ -158,6 +161,8 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                          f"{cfg.action_noise}")
     if not (cfg.start_noise >= 0 and math.isfinite(cfg.start_noise)):
         raise ValueError(f"--start-noise must be >= 0 metres, got {cfg.start_noise}")
+    if cfg.crf is not None and not 0 <= cfg.crf <= (51 if cfg.codec == "h264" else 63):
+        raise ValueError(f"--crf for {cfg.codec} must be within 0..{51 if cfg.codec == 'h264' else 63}, got {cfg.crf}")
     if cfg.max_frames < 0:
         raise ValueError(f"--max-frames must be 0 (whole episodes) or a number of frames, got {cfg.max_frames}")
     if cfg.start_noise and not cfg.suite.startswith("metaworld/"):
