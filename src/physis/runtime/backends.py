@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target
+from physis.model.text import pad_text_tokens
 from physis.model.trunk import PrefixCache
 from physis.model.vocab import BOS, EOS, PAD
 
@@ -44,6 +45,7 @@ BACKENDS = ("eager", "bf16", "int8", "compile", "compile-bf16", "onnx", "onnx-in
 # prepacked bf16 weights are what make compiling pay there (docs/benchmarks/runtime.md)
 FROZEN_CPP = {"freezing": True, "cpp_wrapper": True}
 CONTEXT_ROUNDING = 32  # compile-bf16 pads the flow's context to a multiple of this many keys
+TEXT_ROUNDING = 8  # compiled prefix encoders pad the instruction to a multiple of this many tokens
 Batch = dict[str, torch.Tensor]
 
 
@@ -138,7 +140,8 @@ class _LoopEngine(Engine):
 
 class CompiledEngine(_LoopEngine):
     """torch.compile (inductor) of the prefix encoder and the velocity network; compiled on first use, once per
-    input shape (with and without subtask tokens, the context differs)."""
+    input shape (with and without subtask tokens, the context differs; instructions are padded to a multiple of
+    TEXT_ROUNDING tokens, so a few lengths cover them)."""
 
     backend = "compile"
 
@@ -220,6 +223,8 @@ class CompiledEngine(_LoopEngine):
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
         batch = with_action_mask(self.inputs(batch), self.config.action_dim)
+        # Policy trims the instruction to its length; a few padded lengths keep the compiles to a few graphs
+        batch = pad_text_tokens(batch, TEXT_ROUNDING, self.config.max_text_tokens)
         keys, values, mask = self._encoder(*(batch[k] for k in BATCH_KEYS))
         return stacked_cache(keys, values, mask, batch["action_mask"].bool())
 
