@@ -1,9 +1,11 @@
-"""Shared by every test folder: headless rendering, and a tiny trained checkpoint (2 MT10 demos at 32x32,
-`tiny`, 4 steps) for the runtime and evaluation tests."""
+"""Shared by every test folder: headless rendering, and tiny trained checkpoints (2 MT10 demos at 32x32,
+`tiny`, 4 steps; and one with the localizer) for the runtime and evaluation tests."""
 
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering for every suite, before anything imports mujoco
+
+import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -29,3 +31,14 @@ def tiny_run(tmp_path_factory):
 def tiny_checkpoint(tiny_run):
     """The run directory of the tiny checkpoint (Policy.from_checkpoint accepts it)."""
     return tiny_run[0] / "run"
+
+
+@pytest.fixture(scope="session")
+def localizer_run(tiny_run, tmp_path_factory):
+    """The tiny run retrained (2 steps) with keypoints and the localizer, estimating object and goal positions in
+    the world and relative to the hand (12 names)."""
+    _, cmd, _ = tiny_run
+    out = tmp_path_factory.mktemp("localizer") / "run"
+    train(dataclasses.replace(cmd, out=out, steps=2, save_every=2, env_state_weight=1.0, keypoints=4,
+                              localizer=True, env_state_relative=True))
+    return out

@@ -13,7 +13,6 @@ from physis.eval.runner import EvalConfig, evaluate
 from physis.runtime import Policy
 from physis.runtime.latch import EnvStateLatch
 from physis.sim import EnvConfig, make_env
-from physis.train.run import train
 
 WORLD = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
 NAMES = WORLD + [f"{n}-robot" for n in WORLD]
@@ -67,15 +66,6 @@ def test_only_world_frame_values_the_checkpoint_names_can_be_latched() -> None:
         EnvStateLatch(GOAL, [], np.zeros(0), np.ones(0), spec)
     with pytest.raises(ValueError, match="repeat"):
         EnvStateLatch(("goal_x", "goal_x"), NAMES, np.zeros(12), np.ones(12), spec)
-
-
-@pytest.fixture(scope="module")
-def localizer_run(tiny_run, tmp_path_factory):
-    _, cmd, _ = tiny_run
-    out = tmp_path_factory.mktemp("latch") / "run"
-    train(dataclasses.replace(cmd, out=out, steps=2, save_every=2, env_state_weight=1.0, keypoints=4,
-                              localizer=True, env_state_relative=True))
-    return out
 
 
 def test_the_policy_feeds_the_first_estimate_of_the_goal_for_the_whole_episode(localizer_run) -> None:

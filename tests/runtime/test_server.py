@@ -100,6 +100,25 @@ def test_openpi_client_gets_metadata_then_actions(server, obs):
     assert "prev_total_ms" in client.infer({**obs, "reset": True})["server_timing"]
 
 
+def test_a_localizer_checkpoint_names_its_estimate_and_sends_it(localizer_run):
+    from physis.eval.policies import ServerPolicy
+    from physis.sim import EnvConfig, make_env
+
+    policy = Policy.from_checkpoint(localizer_run, flow_steps=2)
+    s = PolicyServer(policy, port=0, max_size=MAX_SIZE).start_in_thread()
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32, cameras=tuple(policy.cameras)))
+    try:
+        remote = ServerPolicy(f"ws://127.0.0.1:{s.port}", env)
+        assert remote.env_state_names == policy.env_state_names and len(policy.env_state_names) == 12
+        obs, _ = env.reset(seed=1_000_000)
+        out = remote.infer(obs)
+        assert out["env_state"].shape == (12,) and out["env_state"].dtype == np.float32
+        np.testing.assert_allclose(out["env_state"], policy.infer(obs)["env_state"], atol=1e-5)
+    finally:
+        env.close()
+        s.stop()
+
+
 def test_healthz_answers_200(server):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=10) as r:
         assert r.status == 200 and r.read() == b"OK\n"

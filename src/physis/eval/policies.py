@@ -78,7 +78,10 @@ class ServerPolicy:
         except ImportError as e:
             raise ValueError(f"--server needs openpi's client: pip install --no-deps openpi-client ({e})") from e
         self._client = WebsocketClientPolicy(url, api_key=api_key or os.environ.get("PHYSIS_API_KEY") or None)
-        served = self._client.get_server_metadata().get("embodiment")
+        metadata = self._client.get_server_metadata()
+        served = metadata.get("embodiment")
+        # what the served localizer's estimates (reply "env_state") are of
+        self.env_state_names = tuple(metadata.get("checkpoint", {}).get("env_state_names") or ())
         if served != env.embodiment.name:
             raise ValueError(f"the server at {url} serves embodiment {served!r}; this suite's robot is "
                              f"{env.embodiment.name!r}")

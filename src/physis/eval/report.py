@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from physis.data.layout import write_json_atomic
+from physis.eval.localizer import pooled
 from physis.eval.stats import wilson_interval
 
 RESULTS = "results.json"
@@ -25,6 +26,8 @@ class TaskResult:
     outcomes: list[bool] = field(default_factory=list)  # success per episode, in seed order
     lengths: list[int] = field(default_factory=list)  # steps per episode, in seed order
     goal_distances: list[float | None] = field(default_factory=list)  # after the last step, in seed order
+    # the localizer against the simulator's truth (physis.eval.localizer), pooled over successful and failed episodes
+    localizer: dict[str, Any] = field(default_factory=dict)
 
     @property
     def success_rate(self) -> float:
@@ -44,6 +47,7 @@ class TaskResult:
             outcomes=[bool(e.success) for e in episodes],
             lengths=[int(e.length) for e in episodes],
             goal_distances=[getattr(e, "goal_distance", None) for e in episodes],
+            localizer=_localizer_by_outcome(episodes),
         )
 
     def to_json(self, out: Path) -> dict[str, Any]:
@@ -62,7 +66,18 @@ class TaskResult:
             "episode_length": self.lengths,
             **({"episode_goal_distance": self.goal_distances} if any(d is not None for d in self.goal_distances)
                else {}),
+            **({"localizer": self.localizer} if self.localizer else {}),
         }
+
+
+def _localizer_by_outcome(episodes: list[Any]) -> dict[str, Any]:
+    """{"success": pooled, "failure": pooled} over the episodes that logged the localizer (either may be absent)."""
+    out = {}
+    for key, outcome in (("success", True), ("failure", False)):
+        summary = pooled([getattr(e, "localizer", None) for e in episodes if bool(e.success) == outcome])
+        if summary:
+            out[key] = summary
+    return out
 
 
 def write_report(out: Path, meta: dict[str, Any], tasks: dict[str, TaskResult]) -> dict[str, Any]:

@@ -25,12 +25,13 @@ from typing import Any, Literal
 import numpy as np
 
 from physis.embodiment import load_embodiment
+from physis.eval.localizer import LocalizerLog
 from physis.eval.policies import as_chunk, make_policy
 from physis.eval.report import TaskResult, write_report
 from physis.progress import progress_bar
 from physis.runtime.execution import ExecutionConfig
 from physis.runtime.latch import latch_names
-from physis.sim.base import EnvConfig
+from physis.sim.base import EnvConfig, state_vector
 from physis.sim.rollout import cached_env
 from physis.sim.seeds import EVAL_SEEDS, eval_seeds, seed_ranges
 from physis.sim.suites import get_suite, resolve_tasks
@@ -77,6 +78,7 @@ class EpisodeResult:
     video: str | None = None
     subtasks: list[str] = field(default_factory=list)  # what the policy said it was doing, per step
     goal_distance: float | None = None  # the suite's distance to the goal after the last step, if it has one
+    localizer: dict[str, Any] | None = None  # the localizer's estimates against the truth (physis.eval.localizer)
 
 
 def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> EpisodeResult:
@@ -89,6 +91,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
     subtasks: list[str] = []
     steps = 0
     distance = None
+    located: LocalizerLog | None = None
     try:
         obs, _ = env.reset(seed=seed)
         policy = _policy(cfg, env)  # after the reset: experts read the episode's simulator state
@@ -98,11 +101,16 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             policy.noise_scale = cfg.noise_scale
             policy.latch = cfg.latch
         policy.reset()
+        located = _localizer_log(policy, env)
         done = False
+        seen = None
         while not done and cfg.execution != "open_loop":  # one action at a time, as a robot runs it
             if video is not None:
                 frames.append(_tile(obs["images"]))
             action = policy.select_action(obs)
+            if policy.last_output is not seen:  # a new chunk was planned from this observation
+                seen = policy.last_output
+                _locate(located, seen, env, obs)
             obs, _, terminated, truncated, info = env.step(action)
             distance = info.get("goal_distance", distance)
             steps += 1
@@ -111,6 +119,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
         while not done:
             output = policy.infer(obs)
             chunk = as_chunk(output, env.embodiment.action_dim)
+            _locate(located, output, env, obs)
             label = output.get("subtask") if isinstance(output, dict) else None
             n = min(len(chunk), cfg.replan_every) if cfg.replan_every > 0 else len(chunk)
             for action in chunk[:n]:
@@ -128,12 +137,28 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
         error = None
     except Exception as e:  # noqa: BLE001 -- a bad policy fails its episode, not the evaluation
         error = f"{type(e).__name__}: {e}"
+        located = None
     if video is not None and frames:
         _write_video(video, frames, env.embodiment.fps)
     success = env.success and error is None
     return EpisodeResult(task, seed, bool(success), steps, time.perf_counter() - start, error,
                          str(video) if video is not None and frames else None, subtasks,
-                         None if distance is None else round(float(distance), 4))
+                         None if distance is None else round(float(distance), 4),
+                         located.summary() if located is not None else None)
+
+
+def _localizer_log(policy: Any, env: Any) -> LocalizerLog | None:
+    """A log of the policy's environment-state estimates, where it makes them and the simulator can check them."""
+    names = getattr(policy, "env_state_names", ())
+    truth = get_suite(env.suite).environment_state
+    return LocalizerLog(names, truth, env.embodiment) if names and truth else None
+
+
+def _locate(log: LocalizerLog | None, output: Any, env: Any, obs: dict[str, Any]) -> None:
+    """Score a chunk's estimate (output["env_state"]) against the simulator at the observation it was made from."""
+    if log is None or not isinstance(output, dict) or output.get("env_state") is None:
+        return
+    log.add(np.asarray(output["env_state"]), env.environment_state(), state_vector(obs, env.embodiment))
 
 
 _POLICIES: dict[tuple[str, ...], Any] = {}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from physis.data.relative import ENV_STATE
-from physis.data.stats import Normalizer, stats_from_json
+from physis.data.stats import EPS, Normalizer, stats_from_json
 from physis.embodiment import EmbodimentSpec, UnifiedSpace
 from physis.model.text import trim_text_padding
 from physis.runtime.backends import make_engine
@@ -108,6 +108,8 @@ class Policy:
         data = meta["data"]
         self.image_size, self.history = int(data["image_size"]), int(data["history"])
         self._env_stats = arrays.get(ENV_STATE)
+        # what the localizer estimates (object and goal positions, world frame then robot-relative), in order
+        self.env_state_names: tuple[str, ...] = tuple(meta.get("env_state_names") or ())
         self._latch: EnvStateLatch | None = None
         self.flow_steps = flow_steps
         if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
@@ -283,7 +285,7 @@ class Policy:
             samples.append(sample)
             frames.append(now)
         batch = trim_text_padding({k: torch.cat([b[k] for b in samples]) for k in samples[0]})
-        subtasks, chunks = self._sample_batch(batch, sessions, prefix_actions, prefix_weights)
+        subtasks, chunks, env_state = self._sample_batch(batch, sessions, prefix_actions, prefix_weights)
         outs = []
         for i, session in enumerate(sessions):
             if session.frames:
@@ -293,13 +295,17 @@ class Policy:
             outs.append(self._native(chunks[i], session))
             if subtasks is not None:
                 outs[-1]["subtask"] = subtasks[i]
+            if env_state is not None:
+                outs[-1]["env_state"] = env_state[i]
         return outs
 
     @torch.inference_mode()
     def _sample_batch(self, batch: dict[str, torch.Tensor], sessions: Sequence[PolicySession],
                       prefix_actions: torch.Tensor | None = None,
-                      prefix_weights: torch.Tensor | None = None) -> tuple[list[str] | None, torch.Tensor]:
-        """(subtasks or None, unified action chunks [B, H, A]); prefix_* are inpainted (unified, normalized)."""
+                      prefix_weights: torch.Tensor | None = None
+                      ) -> tuple[list[str] | None, torch.Tensor, np.ndarray | None]:
+        """(subtasks or None, unified action chunks [B, H, A], the localizer's estimates [B, E] in the data's units
+        or None); prefix_* are inpainted (unified, normalized)."""
         cfg = self.model.config
         dev = self.device
         batch = {k: v.to(dev) for k, v in batch.items()}
@@ -324,7 +330,16 @@ class Policy:
             noise = (noise * self.noise_scale).to(dev)  # drawn on the host: the same seed, the same chunk anywhere
         actions = self.engine.sample_actions(steps=self.flow_steps, noise=noise, cache=cache,
                                              prefix_actions=prefix_actions, prefix_weights=prefix_weights)
-        return subtasks, actions.cpu()
+        return subtasks, actions.cpu(), self._env_state_native(cache.env_state)
+
+    def _env_state_native(self, estimate: torch.Tensor | None) -> np.ndarray | None:
+        """The environment-state head's normalized estimate (B, E) in the data's units (float32), where the model
+        has the head and the checkpoint its statistics and names."""
+        stats = self._env_stats
+        if estimate is None or stats is None or estimate.shape[-1] != len(self.env_state_names):
+            return None
+        std = np.maximum(np.asarray(stats["std"], np.float64), EPS)
+        return (estimate.float().cpu().numpy() * std + np.asarray(stats["mean"], np.float64)).astype(np.float32)
 
     def _native(self, unified: torch.Tensor, session: PolicySession) -> dict[str, Any]:
         """A unified chunk [H, A] -> {"actions": [H, D] native, clamped} (or the held last safe action)."""

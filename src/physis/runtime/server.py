@@ -4,7 +4,9 @@ The unmodified `openpi-client` (`WebsocketClientPolicy`) drives it:
   1. On connect the server sends one binary frame: the metadata (observation spec, action space,
      checkpoint and server facts; see `schema.observation_spec`).
   2. Each binary frame from the client is an observation; the answer is a binary frame
-     `{"actions": [H, D] float64, "server_timing": {"infer_ms", ...}, "subtask"?: str, "unsafe"?: str}`.
+     `{"actions": [H, D] float64, "server_timing": {"infer_ms", ...}, "subtask"?: str, "unsafe"?: str,
+     "env_state"?: [E] float32}` (env_state: the localizer's estimate, named by the metadata's
+     checkpoint.env_state_names).
      An observation may carry `"reset": True` to start a new episode (forget this connection's frames).
   3. A request that cannot be served (not msgpack, a text frame, a key missing, a wrong shape or dtype,
      NaN in the state) is answered with a text frame that says why; openpi's client raises it as an
@@ -121,7 +123,7 @@ class PolicyServer:
                            "preset": policy.meta.get("model", {}).get("preset_name"),
                            "flow_steps": policy.flow_steps or policy.model.config.flow_steps,
                            "subtask": bool(policy.model.config.subtask and len(policy.vocab.words)),
-                           "latch": list(policy.latch)},
+                           "latch": list(policy.latch), "env_state_names": list(policy.env_state_names)},
         }
         self._metadata_frame = wire.encode(self.metadata)
         self._counter = itertools.count()
@@ -276,7 +278,7 @@ class PolicyServer:
             log.exception("inference failed")
             return f"physis: inference failed: {type(e).__name__}: {e}"
         reply: dict[str, Any] = {"actions": out["actions"]}
-        for key in ("subtask", "unsafe"):
+        for key in ("subtask", "unsafe", "env_state"):
             if key in out:
                 reply[key] = out[key]
         timing["server_ms"] = (time.perf_counter() - start) * 1000
