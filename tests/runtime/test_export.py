@@ -107,26 +107,6 @@ def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
         assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())  # committed: exact
 
 
-def test_compiled_bf16_checks_a_subtask_draft_in_one_graph(model) -> None:
-    engine = make_engine(model, "compile-bf16")
-    calls = []
-    check = engine._draft_check
-    engine._draft_check = lambda *args: calls.append(1) or check(*args)
-    batch = batch_of(model, 2, seed=7)
-    noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(7))
-    ids, generated = engine.generate_subtask(engine.encode_prefix(batch))  # no draft: eager, token by token
-    assert not calls
-    checked, held = engine.generate_subtask(engine.encode_prefix(batch), draft=ids)
-    assert calls and torch.equal(checked, ids) and torch.equal(held.subtask_ids, ids)
-    ref = engine.sample_actions(cache=generated, noise=noise, steps=3)
-    out = engine.sample_actions(cache=held, noise=noise, steps=3)
-    assert (out - ref).abs().max() < 0.01  # the same context, reached by the compiled pass
-    wrong = ids.clone()
-    wrong[1, 1] = next(t for t in range(3, model.vocab_size) if t != ids[1, 1])
-    again, _ = engine.generate_subtask(engine.encode_prefix(batch), draft=wrong)
-    assert len(calls) == 2 and torch.equal(again, ids)  # one row's draft is wrong: the greedy decode all the same
-
-
 def test_compiled_prefix_serves_nearby_instruction_lengths_with_one_graph(model) -> None:
     from torch._dynamo.utils import counters
 

@@ -10,9 +10,8 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
   compile-bf16  the same on a bf16 copy of the weights, with inductor's freezing (weights folded in as prepacked
-             constants) and its C++ wrapper, the whole K-step flow loop as one graph and the subtask draft's check
-             as another; the Euler state stays float32. Each graph compiles on first use (about a minute per
-             input shape on 2 cores)
+             constants) and its C++ wrapper, and the whole K-step flow loop as one graph; the Euler state stays
+             float32. Each graph compiles on first use (about a minute per input shape on 2 cores)
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
@@ -156,41 +155,6 @@ class CompiledEngine(_LoopEngine):
         self._encoder = torch.compile(PrefixEncoder(self.net), dynamic=False, options=options)
         self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
         self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
-        self._draft_check: Callable[..., tuple[torch.Tensor, ...]] | None = None
-        if unrolled and model.config.subtask:
-            from physis.runtime.export import DraftCheck
-
-            self._draft_check = torch.compile(DraftCheck(self.net), dynamic=False, options=options)
-
-    @torch.inference_mode()
-    def generate_subtask(self, cache: PrefixCache,
-                         draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
-        """As `Engine.generate_subtask`; with the unrolled graphs a draft is checked by one compiled pass over all
-        `max_subtask_tokens` positions (the prefix padded as the flow's context is). Where it holds in every row,
-        that pass gives the ids and the extended cache; otherwise generation runs eagerly (draft included)."""
-        if draft is None or self._draft_check is None:
-            return super().generate_subtask(cache, draft=draft)
-        base = cache.prefix_only()
-        b, n = base.batch_size, self.config.max_subtask_tokens
-        if draft.shape[0] != b:
-            raise ValueError(f"generate_subtask: draft has {draft.shape[0]} rows, the cache {b}")
-        device = base.mask.device
-        d = torch.full((b, n), PAD, dtype=torch.long, device=device)
-        d[:, : min(n, draft.shape[1])] = draft[:, :n].to(device)
-        d[:, 0] = BOS
-        is_eos = d == EOS
-        last = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((b,), n - 1, device=device))
-        pad = -base.mask.shape[1] % CONTEXT_ROUNDING
-        mask = F.pad(base.mask, (0, pad), value=False)
-        pred, keys, values = self._draft_check(F.pad(torch.stack(base.keys), (0, 0, 0, pad)),
-                                               F.pad(torch.stack(base.values), (0, 0, 0, pad)), mask, d)
-        agree = (pred == d[:, 1:]).int().cumprod(1).sum(1)  # leading draft tokens the greedy decode reproduces
-        if not bool((agree >= last).all()):
-            return super().generate_subtask(cache, draft=draft)
-        ids = torch.where(torch.arange(n, device=device) <= last[:, None], d, PAD)
-        extended = PrefixCache(list(keys.unbind(0)), list(values.unbind(0)), torch.cat([mask, ids != PAD], 1),
-                               base.pooled, base.action_mask, mask.shape[1], base.cameras, ids, base.env_state)
-        return ids, extended
 
     @torch.inference_mode()
     def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,

@@ -23,7 +23,6 @@ from torch import nn
 
 from physis.model.physis_model import PhysisModel, inpainting_step
 from physis.model.trunk import PrefixCache
-from physis.model.vocab import BOS, PAD
 
 log = logging.getLogger(__name__)
 
@@ -93,32 +92,6 @@ class VelocityNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 ctx_mask: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
         return self.model.predict_velocity(stacked_cache(keys, values, ctx_mask, action_mask), x, t)
-
-
-class DraftCheck(nn.Module):
-    """A subtask draft checked in one teacher-forced pass, every position at once (the check of
-    `PhysisModel.generate_subtask` as one fixed-shape graph, for compiled engines).
-
-    Inputs: keys/values (L, B, heads, N, head_dim) and key mask (B, N) of the prefix, draft (B, n) ids that start
-    with BOS (PAD after its EOS). Outputs: pred (B, n - 1), the greedy token after each draft position (PAD and
-    BOS never chosen), and the keys/values (L, B, heads, N + n, head_dim) extended by the draft's own.
-    """
-
-    def __init__(self, model: PhysisModel) -> None:
-        super().__init__()
-        if not model.config.subtask:
-            raise ValueError("DraftCheck: the model was built with subtask=False")
-        self.model = model
-
-    def forward(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = self.model
-        x = m.subtask_emb(draft) + m.subtask_pos[: draft.shape[1]]
-        hidden, new_k, new_v = m._trunk_extend(x, list(keys.unbind(0)), list(values.unbind(0)), mask)
-        logits = m.subtask_out(hidden[:, :-1])  # _trunk_extend has applied the final norm
-        never = torch.zeros_like(logits[0, 0], dtype=torch.bool)
-        never[PAD] = never[BOS] = True
-        return logits.masked_fill(never, float("-inf")).argmax(-1), torch.stack(new_k), torch.stack(new_v)
 
 
 class FlowSampler(nn.Module):
