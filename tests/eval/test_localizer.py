@@ -30,6 +30,7 @@ def test_each_name_is_scored_against_the_truth_and_near_where_its_position_is_cl
     assert summary["near_chunks"]["object_x-robot"] == 1 and summary["near_chunks"]["goal_x-robot"] == 0
     assert np.isclose(summary["near_mae"]["object_y-robot"], 0.002)  # the near chunk only
     assert "goal_x-robot" not in summary["near_mae"]  # the goal was never within 5 cm
+    assert np.isclose(summary["first"]["object_x"], 0.01) and np.isclose(summary["first"]["goal_y-robot"], 0.002)
 
     other = LocalizerLog(NAMES, WORLD, load_embodiment("metaworld_sawyer"))
     other.add(estimate + 0.05, truth, hand)
@@ -37,6 +38,7 @@ def test_each_name_is_scored_against_the_truth_and_near_where_its_position_is_cl
     assert both["episodes"] == 2 and both["chunks"] == 3 and both["near_chunks"]["object_x-robot"] == 2
     assert np.isclose(both["mae"]["object_x"], (0.01 + 0.0 + 0.06) / 3, atol=1e-5)  # rounded to 0.01 mm
     assert np.isclose(both["near_mae"]["object_y-robot"], (0.002 + 0.048) / 2)
+    assert np.isclose(both["first"]["object_x"], (0.01 + 0.06) / 2)  # a mean over episodes
     assert pooled([None]) is None and LocalizerLog(NAMES, WORLD, load_embodiment("metaworld_sawyer")).summary() is None
 
 

@@ -6,7 +6,8 @@ policy drives the hand off the demonstrated paths, and there the estimate is wha
 `environment_state()` at the same step: world-frame names (object_x, goal_y, ...) directly, robot-relative ones
 ("NAME-robot") as truth minus the robot's position from the observed state. Near-field values are a transform
 of the relative ones and are not scored. Errors are also kept for the chunks where the position is within
-NEAR_RADIUS of the robot, where a few millimetres decide a grasp.
+NEAR_RADIUS of the robot, where a few millimetres decide a grasp, and for the first chunk, before the policy
+has moved anything: whether a failure starts from a wrong reading or drifts into one.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ class LocalizerLog:
         self.near.append(np.array(near))
 
     def summary(self) -> dict[str, Any] | None:
-        """{"chunks", "mae": {name: m}, "near_chunks": {name: n}, "near_mae": {name: m}}, None without chunks."""
+        """{"chunks", "mae": {name: m}, "first": {name: error at the first chunk}, "near_chunks": {name: n},
+        "near_mae": {name: m}}, None without chunks."""
         if not self.errors:
             return None
         errors, near = np.stack(self.errors), np.stack(self.near)
@@ -64,6 +66,7 @@ class LocalizerLog:
         return {
             "chunks": len(errors),
             "mae": {n: round(float(errors[:, k].mean()), 5) for k, n in enumerate(names)},
+            "first": {n: round(float(errors[0, k]), 5) for k, n in enumerate(names)},
             "near_chunks": {n: int(near[:, k].sum()) for k, n in enumerate(names)},
             "near_mae": {n: round(float(errors[near[:, k], k].mean()), 5) for k, n in enumerate(names)
                          if near[:, k].any()},
@@ -71,7 +74,8 @@ class LocalizerLog:
 
 
 def pooled(summaries: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """Episode summaries pooled chunk-weighted: the same keys, over every chunk of those episodes."""
+    """Episode summaries pooled chunk-weighted: the same keys, over every chunk of those episodes ("first": the
+    mean over episodes)."""
     summaries = [s for s in summaries if s]
     if not summaries:
         return None
@@ -82,6 +86,7 @@ def pooled(summaries: Sequence[dict[str, Any] | None]) -> dict[str, Any] | None:
         "episodes": len(summaries),
         "chunks": chunks,
         "mae": {n: round(sum(s["mae"][n] * s["chunks"] for s in summaries) / chunks, 5) for n in names},
+        "first": {n: round(sum(s["first"][n] for s in summaries) / len(summaries), 5) for n in names},
         "near_chunks": near_n,
         "near_mae": {n: round(sum(s["near_mae"][n] * s["near_chunks"][n] for s in summaries if n in s["near_mae"])
                               / near_n[n], 5) for n in names if near_n[n]},
