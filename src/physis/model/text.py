@@ -95,4 +95,3 @@ def pad_text_tokens(batch: dict[str, torch.Tensor], multiple: int, limit: int) -
         return batch
     return {**batch, "text": F.pad(batch["text"], (0, 0, 0, pad)),
             "text_mask": F.pad(batch["text_mask"], (0, pad), value=False)}
-
