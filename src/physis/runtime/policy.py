@@ -110,6 +110,10 @@ class Policy:
         self._env_stats = arrays.get(ENV_STATE)
         # what the localizer estimates (object and goal positions, world frame then robot-relative), in order
         self.env_state_names: tuple[str, ...] = tuple(meta.get("env_state_names") or ())
+        # its normalization, to report an estimate in the data's units (None: the checkpoint has none)
+        self._env_units = None if self._env_stats is None else (
+            np.maximum(np.asarray(self._env_stats["std"], np.float64), EPS),
+            np.asarray(self._env_stats["mean"], np.float64))
         self._latch: EnvStateLatch | None = None
         self.flow_steps = flow_steps
         if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
@@ -335,11 +339,10 @@ class Policy:
     def _env_state_native(self, estimate: torch.Tensor | None) -> np.ndarray | None:
         """The environment-state head's normalized estimate (B, E) in the data's units (float32), where the model
         has the head and the checkpoint its statistics and names."""
-        stats = self._env_stats
-        if estimate is None or stats is None or estimate.shape[-1] != len(self.env_state_names):
+        if estimate is None or self._env_units is None or estimate.shape[-1] != len(self.env_state_names):
             return None
-        std = np.maximum(np.asarray(stats["std"], np.float64), EPS)
-        return (estimate.float().cpu().numpy() * std + np.asarray(stats["mean"], np.float64)).astype(np.float32)
+        std, mean = self._env_units
+        return (estimate.float().cpu().numpy() * std + mean).astype(np.float32)
 
     def _native(self, unified: torch.Tensor, session: PolicySession) -> dict[str, Any]:
         """A unified chunk [H, A] -> {"actions": [H, D] native, clamped} (or the held last safe action)."""
