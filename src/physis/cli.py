@@ -190,14 +190,15 @@ def collect(cfg: CollectConfig) -> None:
 
     summary = run(cfg)
     table = Table(title=f"physis collect {cfg.suite} -> {cfg.out}")
-    for col in ("task", "kept", "expert success", "tried", "frames"):
+    who = "driver" if cfg.driver is not None else "expert"  # --driver: a policy moved the robot, not the expert
+    for col in ("task", "kept", f"{who} success", "tried", "frames"):
         table.add_column(col)
     openings = cfg.max_frames > 0  # episodes cut short: whether the expert would have succeeded is not known
     for task, t in summary.tallies.items():
         table.add_row(task, str(t.kept), "-" if openings else f"{t.success_rate:.0%}", str(t.attempts), str(t.frames))
     console.print(table)
     success = f"the first {cfg.max_frames} frames of each" if openings else \
-        f"expert success {summary.expert_success_rate:.1%}"
+        f"{who} success {summary.expert_success_rate:.1%}"
     console.print(f"{summary.episodes} episodes kept of {summary.attempts} tried ({success}) in "
                   f"{summary.seconds:.0f}s with {summary.workers} workers: "
                   f"{summary.episodes_per_minute:.1f} episodes/min")

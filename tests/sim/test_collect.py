@@ -131,3 +131,39 @@ def test_collect_refuses_a_negative_max_frames(tmp_path):
     with pytest.raises(ValueError, match="--max-frames must be 0"):
         collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path / "d",
                               max_frames=-1, progress=False))
+
+
+def test_a_checkpoint_drives_collection_and_every_episode_is_kept_with_expert_labels(tiny_checkpoint, tmp_path):
+    from physis.sim.base import EnvConfig
+    from physis.sim.rollout import record_expert_episode
+    from physis.sim.suites import make_env
+
+    out = tmp_path / "dagger"
+    summary = collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=out, image_size=32,
+                                    workers=1, progress=False, driver=tiny_checkpoint, replan_every=4))
+    assert summary.episodes == 1 and summary.attempts == 1  # kept whatever the driver made of it
+    meta = json.loads((out / "meta" / COLLECTION_META).read_text())
+    assert meta["driver"] == str(tiny_checkpoint) and meta["config"]["replan_every"] == 4
+    ds = LeRobotDataset(out)
+    first = meta["episodes"][0]
+    assert first["length"] == len(ds) and meta["expert"]["reach-v3"]["successes"] == int(first["success"])
+    # The first frame is the same start as the expert's own episode on that seed, so it carries the same label;
+    # later the 4-step-trained driver goes its own way, and the states part.
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32))
+    try:
+        expert = record_expert_episode(env, first["seed"])
+    finally:
+        env.close()
+    np.testing.assert_allclose(ds.columns["action"][0], expert.frames["action"][0], atol=1e-6)
+    n = min(len(ds), expert.length)
+    assert not np.allclose(ds.columns["observation.state"][:n], expert.frames["observation.state"][:n])
+
+
+def test_a_driver_is_checked_before_collecting(tiny_checkpoint, tmp_path):
+    common = dict(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path / "d", progress=False)
+    with pytest.raises(FileNotFoundError, match="--driver checkpoint"):
+        collect(CollectConfig(driver=tmp_path / "missing", **common))
+    with pytest.raises(ValueError, match="--replan-every must be >= 1"):
+        collect(CollectConfig(driver=tiny_checkpoint, replan_every=0, **common))
+    with pytest.raises(ValueError, match="does not combine with --action-noise"):
+        collect(CollectConfig(driver=tiny_checkpoint, action_noise=0.1, **common))

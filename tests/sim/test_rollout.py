@@ -41,3 +41,41 @@ def test_start_noise_is_checked_and_meta_world_only(tmp_path):
         collect(CollectConfig(suite="metaworld/mt10", out=tmp_path / "d", start_noise=-0.1, progress=False))
     with pytest.raises(ValueError, match="--start-noise is implemented for the Meta-World suites, not pointmaze"):
         collect(CollectConfig(suite="pointmaze/bimodal", out=tmp_path / "d", start_noise=0.1, progress=False))
+
+
+class _ConstantDriver:
+    """A policy that always asks for the same small push (the real checkpoint driver is tested in test_collect)."""
+
+    def __init__(self, action_dim: int, horizon: int = 5):
+        self.chunk = np.full((horizon, action_dim), 0.25, dtype=np.float32)
+        self.chunk[:, 1] = -0.25
+        self.calls = 0
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+    def infer(self, obs):
+        self.calls += 1
+        return {"actions": self.chunk}
+
+
+def test_a_driver_moves_the_robot_and_the_expert_labels_each_state():
+    env = make_env("pointmaze/bimodal", "bimodal", EnvConfig(render=False, max_steps=30))
+    executed = []
+    step = env.step
+    env.step = lambda a: executed.append(np.array(a)) or step(a)
+    driver = _ConstantDriver(env.embodiment.action_dim)
+    try:
+        driven = record_expert_episode(env, 3, driver=driver, replan_every=3)
+    finally:
+        env.close()
+    clean, _ = _rollout(0.0)
+    ran = np.stack(executed)
+    assert driven.length == len(ran) == 30 and not driven.success  # the push never reaches the goal
+    assert driver.resets == 1 and driver.calls == 10  # asked again every 3 steps
+    np.testing.assert_allclose(ran, np.tile(driver.chunk[0], (30, 1)))  # the driver's moves ran ...
+    # ... while each frame's action is the expert's: from the same start, the same first label as the expert's own
+    np.testing.assert_array_equal(driven.frames["action"][0], clean.frames["action"][0])
+    assert not np.allclose(driven.frames["action"], ran)
+    assert not np.allclose(driven.frames["observation.state"][1:10], clean.frames["observation.state"][1:10])

@@ -170,3 +170,21 @@ def test_a_world_model_fraction_trains_and_is_saved_and_bad_ones_are_refused(tin
             main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *args])
         assert e.value.code == 2
         assert message in " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+
+
+def test_posttraining_on_driven_episodes_keeps_the_checkpoint_s_normalization(tiny_run, tmp_path):
+    from physis.sim.collect import CollectConfig, collect
+    from physis.train.run import build
+
+    root, cmd, _ = tiny_run
+    driven = tmp_path / "driven"
+    collect(CollectConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=driven, image_size=32,
+                          workers=1, progress=False, driver=root / "run", replan_every=4))
+    mixture = dataclasses.replace(cmd, data=(root / "demos", driven), out=tmp_path / "post", steps=1)
+    base = load_checkpoint(root / "run", training_state=False).stats
+    _, fresh, _ = build(mixture)
+    assert fresh.stats != base  # from scratch, the statistics pool both datasets ...
+    _, post, _ = build(dataclasses.replace(mixture, recipe="posttrain", init_from=root / "run"))
+    assert post.stats == base  # ... posttraining keeps those the weights were trained with
+    # a driven episode may end in failure: frame / length is no progress target for it
+    assert post._progress_known.tolist() == [True, False]

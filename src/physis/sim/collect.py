@@ -59,6 +59,11 @@ class CollectConfig:
     # in the pixels). The expert is not run on, so success is unknown: every opening is kept, and training
     # gives these episodes no progress target (their length is not the task's)
     max_frames: int = 0
+    # DAgger: this checkpoint (a run directory or one checkpoint) moves the robot, asked every `replan_every`
+    # steps, while each frame is labelled with the expert's action in that state; every episode is kept, and the
+    # tallies count the driver's successes. Train on these episodes together with the expert's own
+    driver: Path | None = None
+    replan_every: int = 8  # --driver: the steps of each chunk run before the driver is asked again
 
     def encoder(self) -> EncoderConfig:
         """AV1 (SVT, LeRobot's default) or H.264, both with a keyframe every 2 frames for cheap random access."""
@@ -121,17 +126,25 @@ def _features(spec: EmbodimentSpec, cameras: tuple[str, ...], hw: tuple[int, int
 
 def _run_in_order(executor: Executor, jobs: list[tuple[str, int]], suite: str, env_config: EnvConfig,
                   action_noise: float = 0.0, environment_state: bool = False,
-                  max_frames: int = 0) -> Iterator[ExpertEpisode]:
+                  max_frames: int = 0, driver: str | None = None, replan_every: int = 8) -> Iterator[ExpertEpisode]:
     """Submit every job, yield results in submission order (a bounded window keeps memory small)."""
     window = 4 * max(1, getattr(executor, "_max_workers", 1))
     pending: list[Future] = []
     for task, seed in jobs:
         pending.append(executor.submit(expert_episode_job, suite, task, seed, env_config, action_noise,
-                                       environment_state, max_frames))
+                                       environment_state, max_frames, driver, replan_every))
         if len(pending) >= window:
             yield pending.pop(0).result()
     while pending:
         yield pending.pop(0).result()
+
+
+def _limit_threads(threads: int) -> None:
+    """A worker's torch threads (0: leave them; only a driving policy uses torch)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 class _InlineExecutor(Executor):
@@ -165,6 +178,14 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         raise ValueError(f"--crf for {cfg.codec} must be within 0..{51 if cfg.codec == 'h264' else 63}, got {cfg.crf}")
     if cfg.max_frames < 0:
         raise ValueError(f"--max-frames must be 0 (whole episodes) or a number of frames, got {cfg.max_frames}")
+    if cfg.driver is not None:
+        if not Path(cfg.driver).exists():
+            raise FileNotFoundError(f"--driver checkpoint {cfg.driver} does not exist")
+        if cfg.replan_every < 1:
+            raise ValueError(f"--replan-every must be >= 1 step, got {cfg.replan_every}")
+        if cfg.action_noise or cfg.max_frames:
+            raise ValueError("--driver moves the robot with a policy: it does not combine with --action-noise or "
+                             "--max-frames")
     if cfg.start_noise and not cfg.suite.startswith("metaworld/"):
         raise ValueError(f"--start-noise is implemented for the Meta-World suites, not {cfg.suite}")
     spec = load_embodiment(suite.embodiment)
@@ -179,17 +200,22 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     workers = max(1, min(workers, len(tasks) * cfg.episodes))
     episode_log: list[dict[str, Any]] = []
 
-    progress = progress_bar("collect", "expert", cfg.progress)
+    driver = str(cfg.driver) if cfg.driver is not None else None
+    who = "driver" if driver else "expert"
+    progress = progress_bar("collect", who, cfg.progress)
     start = time.perf_counter()
+    # a driving policy per worker gets its share of the cores, not all of them each
     executor: Executor = (_InlineExecutor() if workers == 1
-                          else ProcessPoolExecutor(workers, mp_context=get_context("spawn")))
+                          else ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_limit_threads,
+                                                   initargs=(max(1, (os.cpu_count() or 1) // workers) if driver
+                                                             else 0,)))
     features = _features(spec, cameras, env_config.hw, suite.environment_state)
     writer = DatasetWriter.create(cfg.out, fps=int(round(spec.fps)), features=features,
                                   robot_type=spec.name, subtasks=True, overwrite=cfg.overwrite,
                                   encoder=cfg.encoder())
     try:
         with writer, executor, progress:
-            bar = progress.add_task(cfg.suite, total=len(tasks) * cfg.episodes, expert="-")
+            bar = progress.add_task(cfg.suite, total=len(tasks) * cfg.episodes, **{who: "-"})
             # Rounds: ask every unfinished task for the episodes it still needs, on fresh seeds.
             while True:
                 jobs = []
@@ -201,14 +227,14 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                 if not jobs:
                     break
                 for ep in _run_in_order(executor, jobs, cfg.suite, env_config, cfg.action_noise,
-                                        bool(suite.environment_state), cfg.max_frames):
+                                        bool(suite.environment_state), cfg.max_frames, driver, cfg.replan_every):
                     tally = tallies[ep.task]
                     tally.attempts += 1
                     tally.successes += ep.success
                     tally.seeds_tried.append(ep.seed)
                     entry = {"task": ep.task, "seed": ep.seed, "success": ep.success, "length": ep.length,
                              "instruction": ep.instruction, "episode_index": None}
-                    keep = ep.success or cfg.keep_failures or cfg.max_frames > 0
+                    keep = ep.success or cfg.keep_failures or cfg.max_frames > 0 or driver is not None
                     if keep and tally.kept < cfg.episodes:
                         entry["episode_index"] = writer.add_episode(ep.frames, ep.instruction, subtasks=ep.subtasks)
                         tally.kept += 1
@@ -217,7 +243,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
                     episode_log.append(entry)
                     done = sum(x.successes for x in tallies.values())
                     tried = sum(x.attempts for x in tallies.values())
-                    progress.update(bar, expert=f"{done}/{tried} ok")
+                    progress.update(bar, **{who: f"{done}/{tried} ok"})
             seconds = time.perf_counter() - start
             summary = CollectSummary(Path(cfg.out), cfg.suite, tallies, seconds, workers)
             writer.write_meta_json(COLLECTION_META, _collection_meta(cfg, spec, cameras, summary, episode_log))
@@ -244,6 +270,8 @@ def _collection_meta(cfg: CollectConfig, spec: EmbodimentSpec, cameras: tuple[st
         "expert": {t: {"attempts": x.attempts, "successes": x.successes, "success_rate": x.success_rate,
                        "kept": x.kept, "frames": x.frames} for t, x in summary.tallies.items()},
         "expert_success_rate": summary.expert_success_rate,
+        # with --driver the episodes' moves (and the successes above) are that policy's; the actions the expert's
+        "driver": str(cfg.driver) if cfg.driver is not None else None,
         "seconds": summary.seconds,
         "workers": summary.workers,
         "episodes": episodes,

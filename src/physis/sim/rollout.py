@@ -47,7 +47,8 @@ class ExpertEpisode:
 
 
 def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
-                          environment_state: bool = False, max_frames: int = 0) -> ExpertEpisode:
+                          environment_state: bool = False, max_frames: int = 0, driver: Any = None,
+                          replan_every: int = 8) -> ExpertEpisode:
     """Run the env's expert from `seed` to success or the step limit, recording observation and action per step.
 
     action_noise > 0 (DART, Laskey et al. 2017): the robot runs the expert's action plus Gaussian noise of that
@@ -61,10 +62,18 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
 
     max_frames > 0 stops after that many frames: an episode's opening, whose success is not known
     (`success` is then False).
+
+    driver (DAgger, Ross et al. 2011): a policy with reset() and infer(obs) -> {"actions": [H, D]} moves the robot,
+    asked again every `replan_every` steps as `physis eval` runs it, while the recorded action is still what the
+    expert would do in each state it reaches. The data then covers the states the policy's own mistakes lead to,
+    labelled with the way back. `success` is then the driver's.
     """
     expert = env.expert()
     obs, _ = env.reset(seed=seed)
     expert.reset()
+    if driver is not None:
+        driver.reset()
+    queue: list[np.ndarray] = []
     lower, upper = env.embodiment.action_limits()
     half = np.where(np.isfinite(upper - lower), (upper - lower) / 2, 1.0)
     noise = np.random.default_rng([seed, 0xDA27])
@@ -84,7 +93,12 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
             env_states.append(env.environment_state())
         for cam, img in obs["images"].items():
             images[cam].append(img)
-        if action_noise > 0:
+        if driver is not None:
+            if not queue:
+                chunk = np.asarray(driver.infer(obs)["actions"], dtype=np.float64)
+                queue = list(chunk[:replan_every])
+            action = env.check_action(queue.pop(0))
+        elif action_noise > 0:
             action = env.check_action(np.clip(action + noise.normal(0.0, action_noise * half), lower, upper))
         obs, _, terminated, truncated, _ = env.step(action)
         done = terminated or truncated or len(actions) == max_frames
@@ -99,6 +113,22 @@ def record_expert_episode(env: SimEnv, seed: int, action_noise: float = 0.0,
 
 
 def expert_episode_job(suite: str, task: str, seed: int, config: EnvConfig, action_noise: float = 0.0,
-                       environment_state: bool = False, max_frames: int = 0) -> ExpertEpisode:
-    """Picklable entry point for worker processes."""
-    return record_expert_episode(cached_env(suite, task, config), seed, action_noise, environment_state, max_frames)
+                       environment_state: bool = False, max_frames: int = 0, driver: str | None = None,
+                       replan_every: int = 8) -> ExpertEpisode:
+    """Picklable entry point for worker processes; `driver` is a checkpoint path (loaded once per process)."""
+    env = cached_env(suite, task, config)
+    policy = cached_policy(driver, env.embodiment.name) if driver else None
+    return record_expert_episode(env, seed, action_noise, environment_state, max_frames, policy, replan_every)
+
+
+_POLICIES: dict[tuple[str, str], Any] = {}
+
+
+def cached_policy(checkpoint: str, embodiment: str) -> Any:
+    """One `physis.runtime.Policy` per (checkpoint, robot) per process."""
+    from physis.runtime import Policy  # torch and the model only where a policy drives
+
+    key = (checkpoint, embodiment)
+    if key not in _POLICIES:
+        _POLICIES[key] = Policy.from_checkpoint(checkpoint, embodiment=embodiment)
+    return _POLICIES[key]

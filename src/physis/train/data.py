@@ -62,10 +62,11 @@ def embodiment_for(root: str | Path, override: str | Path | None = None) -> Embo
                              f"embodiment and there is no meta/{EMBODIMENT_META}); pass an embodiment spec for it")
 
 
-def _openings_only(root: str | Path) -> bool:
-    """Whether `physis collect --max-frames` recorded this dataset (each episode only up to a frame limit)."""
-    meta = read_collection_meta(root)
-    return meta is not None and bool((meta.get("config") or {}).get("max_frames"))
+def _progress_unknown(root: str | Path) -> bool:
+    """Whether frame / length is not the progress of this dataset's episodes: `physis collect --max-frames`
+    recorded only their openings, or a policy drove them (`--driver`), so they may end in failure."""
+    config = (read_collection_meta(root) or {}).get("config") or {}
+    return bool(config.get("max_frames") or config.get("driver"))
 
 
 class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -130,8 +131,8 @@ class TrainingData:
         self.embodiments = [next(s for s in specs if s.name == n) for n in names]
         self._embodiment_of_source = torch.tensor([names.index(s.name) for s in specs])
         # Episodes recorded only up to a frame limit (`physis collect --max-frames`) end before the task does,
-        # so frame / length is not their progress.
-        self._progress_known = torch.tensor([not _openings_only(r) for r in roots])
+        # and a driving policy's may end in failure: frame / length is not their progress.
+        self._progress_known = torch.tensor([not _progress_unknown(r) for r in roots])
         labels = [t for d in self.mixture.datasets for t in d.subtasks or ()]  # datasets without subtasks add none
         self.vocab = vocab if vocab is not None else SubtaskVocab.from_labels(labels)
         self.text = text_encoder if text_encoder is not None else TextEncoder()

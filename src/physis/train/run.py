@@ -12,7 +12,7 @@ import torch
 from physis.model.config import ModelConfig
 from physis.model.physis_model import PhysisModel
 from physis.train.checkpoint import load_checkpoint
-from physis.train.data import DataConfig, TrainingData
+from physis.train.data import DataConfig, TrainingData, embodiment_for
 from physis.train.distributed import init_distributed
 from physis.train.loop import TrainConfig, Trainer
 
@@ -140,6 +140,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
                               f"{'' if cmd.env_state_relative else ' without --env-state-relative'}")
     vocab = None
     space = None
+    stats = None
     if cmd.init_from is not None:  # keep the pretrained slots and vocabulary so the weights still fit
         from physis.embodiment import UnifiedSpace
         from physis.model.vocab import SubtaskVocab
@@ -147,12 +148,17 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         base = load_checkpoint(cmd.init_from, training_state=False)
         space = UnifiedSpace.from_dict(base.config["unified_space"])
         vocab = SubtaskVocab(base.config["model"]["subtask_vocab"])
+        # the weights expect the checkpoint's normalization: keep it where it covers every robot of the data
+        robots = {embodiment_for(r, o).name for r, o in zip(cmd.data, cmd.embodiments or [None] * len(cmd.data),
+                                                             strict=True)}
+        if base.stats and robots <= set(base.stats):
+            stats = base.stats
     data = TrainingData(list(cmd.data), DataConfig(horizon=cmd.horizon, history=cmd.history,
                                                    image_size=cmd.image_size, cameras=tuple(cmd.cameras),
                                                    env_state_relative=cmd.env_state_relative,
                                                    env_state_near=cmd.env_state_near),
                         embodiments=list(cmd.embodiments) or None, weights=list(cmd.weights) or None,
-                        space=space, vocab=vocab)
+                        space=space, vocab=vocab, stats=stats)
     keypoint_only = _camera_slots(data, cmd.keypoint_only_cameras)
     env_state: dict[str, Any] = {}
     if cmd.env_state_weight > 0:
