@@ -107,6 +107,27 @@ def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
         assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())  # committed: exact
 
 
+def test_compiled_reasoning_checks_a_draft_in_the_prefix_graph(model, monkeypatch) -> None:
+    engine = make_engine(model, "compile-bf16")
+    batch = batch_of(model, 2, seed=6)
+    noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(6))
+    ids, decoded = engine.reason(batch)  # no draft: the prefix graph, then the eager decode
+    with monkeypatch.context() as m:  # the right draft: the fused graph alone, no decoding
+        m.setattr(engine, "generate_subtask", lambda *a, **k: pytest.fail("a right draft was decoded again"))
+        again, fused = engine.reason(batch, draft=ids)
+    assert torch.equal(again, ids) and torch.equal(fused.mask, decoded.mask) and fused.prefix_len == decoded.prefix_len
+    valid = decoded.mask[:, None, :, None]
+    for ours, ref in zip(fused.keys + fused.values, decoded.keys + decoded.values, strict=True):
+        assert ((ours - ref).abs() * valid).max() < 0.05  # one bf16 trunk, two graphs
+    out = engine.sample_actions(cache=fused, noise=noise, steps=3)
+    ref = engine.sample_actions(cache=decoded, noise=noise, steps=3)
+    assert (out - ref).abs().max() < 0.05
+    wrong = ids.clone()
+    wrong[:, 1] = torch.where(ids[:, 1] == 4, 5, 4)  # another word: the decode goes on from the disagreement
+    fixed, cache = engine.reason(batch, draft=wrong)
+    assert torch.equal(fixed, ids) and torch.equal(cache.mask, decoded.mask)
+
+
 def test_compiled_prefix_serves_nearby_instruction_lengths_with_one_graph(model) -> None:
     from torch._dynamo.utils import counters
 

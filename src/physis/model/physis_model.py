@@ -72,6 +72,17 @@ class FlowContext:
     out_term: torch.Tensor
 
 
+def padded_draft(draft: torch.Tensor, n: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A subtask draft (B, Ls') as n ids BOS w.. (PAD-filled or cut), and each row's last position to check: its
+    EOS, or n - 1 without one."""
+    d = torch.full((draft.shape[0], n), PAD, dtype=torch.long, device=device)
+    d[:, : min(n, draft.shape[1])] = draft[:, :n].to(device)
+    d[:, 0] = BOS
+    is_eos = d == EOS
+    last = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(d[:, 0], n - 1))
+    return d, last
+
+
 class PhysisModel(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -408,11 +419,7 @@ class PhysisModel(nn.Module):
         b, n = ids.shape
         if draft.shape[0] != b:
             raise ValueError(f"PhysisModel.generate_subtask: draft has {draft.shape[0]} rows, the cache {b}")
-        d = torch.full_like(ids, PAD)
-        d[:, : min(n, draft.shape[1])] = draft[:, :n].to(ids.device)
-        d[:, 0] = BOS
-        is_eos = d == EOS
-        last = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(done, n - 1, dtype=torch.long))
+        d, last = padded_draft(draft, n, ids.device)
         steps = int(last.max()) + 1  # draft positions to run: 0 .. the longest draft's EOS
         causal = torch.ones(steps, steps, dtype=torch.bool, device=ids.device).tril()
         mask = seen.expand(b, 1, steps, p + n).clone()

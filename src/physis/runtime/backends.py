@@ -9,9 +9,11 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   bf16       a bf16 copy of the weights; the Euler state stays float32
   int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
-  compile-bf16  the same on a bf16 copy of the weights, with inductor's freezing (weights folded in as prepacked
-             constants) and its C++ wrapper, and the whole K-step flow loop as one graph; the Euler state stays
-             float32. Each graph compiles on first use (about a minute per input shape on 2 cores)
+  compile-bf16  inductor with freezing (weights folded in as constants) and its C++ wrapper: the prefix encoder
+             on a bf16 copy of the weights, with the last chunk's subtask checked in the same graph (most chunks
+             need no decoding), and the whole K-step flow loop as one float32 graph (its ~20 matmuls a step are
+             too small for bf16 to pay for its conversions). Each graph compiles on first use (10-70 s per input
+             shape on 2 cores)
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target
+from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target, padded_draft
 from physis.model.text import pad_text_tokens
 from physis.model.trunk import PrefixCache
 from physis.model.vocab import BOS, EOS, PAD
@@ -73,6 +75,10 @@ class Engine:
         """As `PhysisModel.generate_subtask`: a draft (the last chunk's subtask) is verified in one pass."""
         return self.net.generate_subtask(cache, draft=draft)
 
+    def reason(self, batch: Batch, draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
+        """Encode the prefix and decode the subtask (checking `draft` first): (ids (B, Ls), the extended cache)."""
+        return self.generate_subtask(self.encode_prefix(batch), draft=draft)
+
     def _cache_for(self, batch: Batch | None, cache: PrefixCache | None) -> PrefixCache:
         """The given cache, or the batch's prefix encoded."""
         if cache is not None:
@@ -97,10 +103,11 @@ class Engine:
               draft: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(subtask ids (B, Ls) or None, actions (B, H, A)) for one observation batch: encode, reason (checking
         `draft`, the last chunk's subtask, first), act."""
-        cache = self.encode_prefix(batch)
         ids = None
         if subtask and self.config.subtask:
-            ids, cache = self.generate_subtask(cache, draft=draft)
+            ids, cache = self.reason(batch, draft=draft)
+        else:
+            cache = self.encode_prefix(batch)
         actions = self.sample_actions(steps=steps, noise=noise, generator=generator, cache=cache,
                                       prefix_actions=prefix_actions, prefix_weights=prefix_weights)
         return ids, actions
@@ -145,16 +152,24 @@ class CompiledEngine(_LoopEngine):
     backend = "compile"
 
     def __init__(self, model: PhysisModel, dtype: torch.dtype = torch.float32,
-                 options: dict[str, Any] | None = None, unrolled: bool = False) -> None:
+                 options: dict[str, Any] | None = None, unrolled: bool = False,
+                 flow_dtype: torch.dtype | None = None) -> None:
         """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP);
-        `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count)."""
-        from physis.runtime.export import PrefixEncoder, VelocityNet
+        `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
+        `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`)."""
+        from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet
 
         super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
         self._options = options
         self._encoder = torch.compile(PrefixEncoder(self.net), dynamic=False, options=options)
         self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
         self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
+        self._flow_dtype = flow_dtype or dtype
+        self._flow_net = self.model if self._flow_dtype == torch.float32 else \
+            self.net if self._flow_dtype == dtype else copy.deepcopy(model).to(self._flow_dtype).eval()
+        self._reasoner = None
+        if unrolled and self.config.subtask:
+            self._reasoner = torch.compile(PrefixDraftEncoder(self.net), dynamic=False, options=options)
 
     @torch.inference_mode()
     def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
@@ -173,24 +188,49 @@ class CompiledEngine(_LoopEngine):
         if prefix_actions is None or prefix_weights is None:  # all-zero weights: every step free
             prefix_actions, prefix_weights = torch.zeros(shape, device=device), torch.zeros(shape[:2], device=device)
         if steps not in self._samplers:
-            self._samplers[steps] = torch.compile(FlowSampler(self.net, steps), dynamic=False, options=self._options)
+            self._samplers[steps] = torch.compile(FlowSampler(self._flow_net, steps), dynamic=False,
+                                                  options=self._options)
         # the context (prefix + subtask) varies with the instruction and the subtask; padded with masked keys to a
         # multiple of CONTEXT_ROUNDING, a few graphs serve every length instead of one compile per length
         pad = -cache.mask.shape[1] % CONTEXT_ROUNDING
-        keys = F.pad(torch.stack(cache.keys), (0, 0, 0, pad))
-        values = F.pad(torch.stack(cache.values), (0, 0, 0, pad))
+        keys = F.pad(torch.stack(cache.keys), (0, 0, 0, pad)).to(self._flow_dtype)
+        values = F.pad(torch.stack(cache.values), (0, 0, 0, pad)).to(self._flow_dtype)
         return self._samplers[steps](x, keys, values, F.pad(cache.mask, (0, pad), value=False), cache.action_mask,
                                      prefix_actions.float(), prefix_weights.float())
+
+    def _graph_inputs(self, batch: Batch) -> Batch:
+        batch = with_action_mask(self.inputs(batch), self.config.action_dim)
+        # Policy trims the instruction to its length; a few padded lengths keep the compiles to a few graphs
+        return pad_text_tokens(batch, TEXT_ROUNDING, self.config.max_text_tokens)
 
     @torch.inference_mode()
     def encode_prefix(self, batch: Batch) -> PrefixCache:
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
-        batch = with_action_mask(self.inputs(batch), self.config.action_dim)
-        # Policy trims the instruction to its length; a few padded lengths keep the compiles to a few graphs
-        batch = pad_text_tokens(batch, TEXT_ROUNDING, self.config.max_text_tokens)
+        batch = self._graph_inputs(batch)
         keys, values, mask = self._encoder(*(batch[k] for k in BATCH_KEYS))
         return stacked_cache(keys, values, mask, batch["action_mask"].bool())
+
+    @torch.inference_mode()
+    def reason(self, batch: Batch, draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
+        """With a draft, one graph encodes the prefix and checks it (a subtask changes a few times an episode, so
+        most chunks end there); a draft the decode does not reproduce goes on eagerly from the prefix."""
+        from physis.runtime.export import BATCH_KEYS, stacked_cache
+
+        if draft is None or self._reasoner is None:
+            return super().reason(batch, draft)
+        batch = self._graph_inputs(batch)
+        n = self.config.max_subtask_tokens
+        d, last = padded_draft(draft, n, batch["state"].device)
+        keys, values, mask, pred = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
+        action_mask, p = batch["action_mask"].bool(), mask.shape[1]
+        agree = (pred == d[:, 1:]).int().cumprod(1).sum(1)  # leading draft tokens the decode reproduces
+        if bool((agree >= last).all()):
+            ids = torch.where(torch.arange(n, device=d.device) <= last[:, None], d, PAD)
+            cache = stacked_cache(keys, values, torch.cat([mask, ids != PAD], 1), action_mask, prefix_len=p)
+            cache.subtask_ids = ids
+            return ids, cache
+        return self.generate_subtask(stacked_cache(keys[..., :p, :], values[..., :p, :], mask, action_mask), draft)
 
     def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
         keys, values = torch.stack(cache.keys), torch.stack(cache.values)
@@ -324,7 +364,7 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
     elif backend == "compile":
         engine = CompiledEngine(model)
     elif backend == "compile-bf16":
-        engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True)
+        engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.float32)
     elif backend == "cuda-graph":
         from physis.runtime.graphs import GraphEngine
 

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from physis.model.physis_model import PhysisModel, inpainting_step
-from physis.model.trunk import PrefixCache
+from physis.model.trunk import PrefixCache, attention, key_mask, subtask_attention_mask
+from physis.model.vocab import BOS, PAD
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,54 @@ class PrefixEncoder(nn.Module):
                  "text_mask": text_mask, "embodiment": embodiment, "action_mask": action_mask}
         cache = self.model._encode(batch, pooled=False)[0]
         return torch.stack(cache.keys), torch.stack(cache.values), cache.mask
+
+
+class PrefixDraftEncoder(nn.Module):
+    """The prefix and a subtask draft in one pass: what a chunk whose subtask is unchanged needs from the trunk.
+
+    Inputs: the observation tensors of `PrefixEncoder`, then draft (B, n) int64 (BOS w.. EOS PAD.., n =
+    max_subtask_tokens). Outputs: keys, values (L, B, heads, N + n, head_dim) of the prefix and the draft, the
+    prefix key mask (B, N), and pred (B, n - 1) int64: the greedy token after each draft position, which checks
+    the draft as `PhysisModel.generate_subtask` does (the draft's own keys after its EOS are never attended).
+    """
+
+    def __init__(self, model: PhysisModel) -> None:
+        super().__init__()
+        if not model.config.subtask:
+            raise ValueError("PrefixDraftEncoder: the model was built with subtask=False")
+        self.model = model
+
+    def forward(self, images: torch.Tensor, image_mask: torch.Tensor, state: torch.Tensor, state_mask: torch.Tensor,
+                text: torch.Tensor, text_mask: torch.Tensor, embodiment: torch.Tensor, action_mask: torch.Tensor,
+                draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.model
+        batch = {"images": images, "image_mask": image_mask, "state": state, "state_mask": state_mask, "text": text,
+                 "text_mask": text_mask, "embodiment": embodiment, "action_mask": action_mask}
+        n = draft.shape[1]
+        sub = m.subtask_emb(draft) + m.subtask_pos[:n]
+        if m.backbone is not None:  # the backbone encodes the prefix; the draft follows through physis's blocks
+            cache = m._encode(batch, pooled=False)[0]
+            hidden, keys, values = m._trunk_extend(sub, cache.keys, cache.values, cache.mask)
+            mask = cache.mask
+        else:  # prefix and draft through each block together: a few larger matmuls instead of twice as many
+            tokens, mask = m.prefix(batch)[:2]
+            p = tokens.shape[1]
+            prefix_rows = torch.cat([key_mask(mask, p), torch.zeros_like(mask[:, None, None, :1]).expand(-1, 1, p, n)],
+                                    dim=-1)  # the prefix never reads the draft
+            attn = torch.cat([prefix_rows, subtask_attention_mask(mask, n)], dim=2)
+            x, keys, values = torch.cat([tokens, sub], 1), [], []
+            for block in m.blocks[:-1]:
+                x, k, v = block(x, attn)
+                keys.append(k)
+                values.append(v)
+            last = m.blocks[-1]  # only the draft's queries go on: the prefix's last hidden states feed nothing
+            q, k, v = last._split(x)
+            hidden = m.norm(last._finish(x[:, p:], attention(q[:, :, p:], k, v, attn[:, :, p:])))
+            keys.append(k)
+            values.append(v)
+        logits = m.subtask_out(hidden[:, :-1])  # hidden is normed
+        logits[..., [PAD, BOS]] = float("-inf")
+        return torch.stack(keys), torch.stack(values), mask, logits.argmax(-1)
 
 
 class SubtaskStep(nn.Module):

@@ -315,19 +315,20 @@ class Policy:
         batch = {k: v.to(dev) for k, v in batch.items()}
         if prefix_actions is not None and prefix_weights is not None:
             prefix_actions, prefix_weights = prefix_actions.to(dev), prefix_weights.to(dev)
-        cache = self.engine.encode_prefix(batch)
-        if self._latch is not None:  # an episode's first chunk: hold what the localizer read
-            for i, session in enumerate(sessions):
-                if session.latched is None:
-                    session.latched = self._latch.hold(cache.env_state[i].float().cpu().numpy())
         subtasks = None
         if cfg.subtask and len(self.vocab.words):
             drafts = [s.subtask_ids for s in sessions]
             draft = torch.cat(drafts) if all(d is not None for d in drafts) else None
-            ids, cache = self.engine.generate_subtask(cache, draft=draft)
+            ids, cache = self.engine.reason(batch, draft=draft)
             subtasks = [self.vocab.decode(row.tolist()) for row in ids]
             for session, row in zip(sessions, ids, strict=True):
                 session.subtask_ids = row[None].clone()
+        else:
+            cache = self.engine.encode_prefix(batch)
+        if self._latch is not None:  # an episode's first chunk: hold what the localizer read
+            for i, session in enumerate(sessions):
+                if session.latched is None:
+                    session.latched = self._latch.hold(cache.env_state[i].float().cpu().numpy())
         noise = None
         if cfg.action_head == "flow":
             noise = torch.cat([torch.randn((1, cfg.horizon, cfg.action_dim), generator=s.generator) for s in sessions])
