@@ -134,3 +134,17 @@ def test_the_cuda_graph_backend_gives_the_eager_chunks(run, monkeypatch):
     with pytest.raises(ValueError, match="device 'cuda', but torch sees no CUDA device"):
         Policy.from_checkpoint(root / "run", device="cuda")
     env.close()
+
+
+def test_the_compiled_backend_reasons_and_acts_as_eager(run):
+    """compile-bf16 checks the previous chunk's subtask inside its prefix graph: the same subtask, close actions."""
+    root, _, _ = run
+    _, env, obs = _policy_and_reach_env(run)
+    eager = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3)
+    compiled = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3, backend="compile-bf16")
+    for _ in range(2):  # the second chunk goes through the draft-checking graph
+        a, b = eager.infer(obs), compiled.infer(obs)
+        assert a["subtask"] == b["subtask"] and np.abs(a["actions"] - b["actions"]).max() < 0.1
+        obs, *_ = env.step(a["actions"][0])
+    assert compiled.engine._reasoner is not None
+    env.close()
