@@ -165,8 +165,11 @@ class CompiledEngine(_LoopEngine):
         self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
         self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
         self._flow_dtype = flow_dtype or dtype
-        self._flow_net = self.model if self._flow_dtype == torch.float32 else \
-            self.net if self._flow_dtype == dtype else copy.deepcopy(model).to(self._flow_dtype).eval()
+        if self._flow_dtype == dtype:
+            self._flow_net = self.net
+        else:  # the float32 model itself, or a copy in another dtype
+            self._flow_net = self.model if self._flow_dtype == torch.float32 else \
+                copy.deepcopy(model).to(self._flow_dtype).eval()
         self._reasoner = None
         if unrolled and self.config.subtask:
             self._reasoner = torch.compile(PrefixDraftEncoder(self.net), dynamic=False, options=options)
