@@ -194,6 +194,10 @@ def test_bf16_weights_sample_float32_chunks() -> None:
     cache = half.encode_prefix(inputs, pooled=False)
     ids, cache = half.generate_subtask(cache)
     out = half.sample_actions(cache=cache, noise=noise, steps=3)
-    ref = model.sample_actions(batch, noise=noise, steps=3)
+    # the float32 reference on the same subtask: random weights leave near-ties that bf16 decodes either way
+    ref = model.sample_actions(cache=model.extend_subtask(model.encode_prefix(batch, pooled=False), ids), noise=noise,
+                               steps=3)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    assert (out - ref).abs().max() < 0.05  # bf16 keeps about 3 significant digits
+    # bf16 keeps about 3 significant digits per operation; through the trunk, the expert and 3 steps the actions
+    # come out within a few percent of their scale, by how much depends on the CPU's bf16 arithmetic
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()

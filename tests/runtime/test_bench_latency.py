@@ -42,7 +42,9 @@ def test_flop_count_grows_with_steps_and_counts_attention() -> None:
     cfg = model.config
     h, a, de, d, hidden = cfg.horizon, cfg.action_dim, cfg.expert_width, cfg.width, int(cfg.expert_width * 4)
     n_keys = batch["images"].shape[1] * cfg.patch_grid**2 + cfg.max_text_tokens + 2 + h
-    linear = 2 * h * (a * de + de * de + de * de + de * a)  # actions in, time MLP, out (the mask's part: per chunk)
+    # actions in (folded into the time MLP's first layer), the time MLP's second layer, out; the mask's part and
+    # the fold itself: per chunk
+    linear = 2 * h * (a * de + de * de + de * a)
     linear += 2 * de * de  # the step's time embedding into the time MLP (once for all H tokens)
     linear += cfg.depth * 2 * h * (de * 3 * d + d * de + 2 * de * hidden)  # qkv, proj, MLP per expert layer
     attention = cfg.depth * 2 * cfg.heads * h * n_keys * 2 * cfg.head_dim  # scores and weighted values

@@ -79,13 +79,15 @@ def test_onnx_flow_graph_inpaints_like_the_model(model, onnx_dir) -> None:
     assert np.array_equal(out[:, :2], target[:, :2].numpy())
 
 
-@pytest.mark.parametrize(("backend", "tol"), [("bf16", 0.1), ("int8", 0.1), ("compile-bf16", 0.1)])
-def test_reduced_precision_backends_stay_close(model, backend, tol) -> None:
+@pytest.mark.parametrize("backend", ["bf16", "int8", "compile-bf16"])
+def test_reduced_precision_backends_stay_close(model, backend) -> None:
     batch = batch_of(model, 2, seed=3)
     noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(3))
     _, ref = make_engine(model).chunk(batch, steps=3, noise=noise, subtask=False)
     _, out = make_engine(model, backend).chunk(batch, steps=3, noise=noise, subtask=False)
-    assert out.dtype == torch.float32 and (out - ref).abs().max() < tol
+    # within a tenth of the actions' scale: bf16 rounding differs between CPUs (AMX, AVX-512 BF16, neither) and
+    # lands at 4-6% here; a wrong weight or dtype is off by the scale itself
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
     assert next(model.parameters()).dtype == torch.float32  # the engines work on copies
 
 
@@ -98,12 +100,13 @@ def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
     for text in (24, 9):  # two instruction lengths, so two context lengths (padded to a multiple of 32)
         batch = batch_of(model, 2, seed=5)
         batch["text"], batch["text_mask"] = batch["text"][:, :text], batch["text_mask"][:, :text]
-        cache = model.generate_subtask(model.encode_prefix(batch, pooled=False))[1]
-        ref = model.sample_actions(cache=cache, noise=noise, steps=3, prefix_actions=target, prefix_weights=weights)
         ids, ours = engine.generate_subtask(engine.encode_prefix(batch))
-        assert torch.equal(ids, cache.subtask_ids)  # the bf16 trunk reasons as the float32 one on this batch
+        # the float32 reference acts on the same subtask: where a bf16 greedy decode parts from the float32 one
+        # depends on the CPU's bf16 arithmetic
+        cache = model.extend_subtask(model.encode_prefix(batch, pooled=False), ids)
+        ref = model.sample_actions(cache=cache, noise=noise, steps=3, prefix_actions=target, prefix_weights=weights)
         out = engine.sample_actions(cache=ours, noise=noise, steps=3, prefix_actions=target, prefix_weights=weights)
-        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
         assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())  # committed: exact
 
 

@@ -137,10 +137,12 @@ def test_the_cuda_graph_backend_gives_the_eager_chunks(run, monkeypatch):
 
 
 def test_the_compiled_backend_reasons_and_acts_as_eager(run):
-    """compile-bf16 checks the previous chunk's subtask inside its prefix graph: the same subtask, close actions."""
+    """compile-bf16 checks the previous chunk's subtask inside its prefix graph: the same subtask and close actions
+    as the eager engine on the same bf16 weights (the float32 model's greedy decode may part from both at a
+    near-tie, depending on the CPU's bf16 arithmetic)."""
     root, _, _ = run
     _, env, obs = _policy_and_reach_env(run)
-    eager = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3)
+    eager = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3, backend="bf16")
     compiled = Policy.from_checkpoint(root / "run", flow_steps=2, seed=3, backend="compile-bf16")
     for _ in range(2):  # the second chunk goes through the draft-checking graph
         a, b = eager.infer(obs), compiled.infer(obs)

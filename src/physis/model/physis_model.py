@@ -66,9 +66,7 @@ class FlowContext:
     mask: torch.Tensor
     n_ctx: int
     w_x: torch.Tensor
-    mask_term: torch.Tensor
-    w_tok: torch.Tensor
-    time_terms: torch.Tensor
+    step_terms: torch.Tensor
     out_term: torch.Tensor
 
 
@@ -506,17 +504,20 @@ class PhysisModel(nn.Module):
         values = [F.pad(cache.values[i], (0, 0, 0, n)) for i in reads]
         mask = additive_mask(expert_attention_mask(cache.mask, n, 0), keys[0].dtype)
         # _action_tokens, split: action_in([x, m]) = x Wx' + (m Wm' + b); action_time's first layer on
-        # [tok, temb] = tok Wt' + (temb Wτ' + b1); its output bias and the positions add up to one term
+        # [tok, temb] = tok Wt' + (temb Wτ' + b1). Both are linear in x, so one matmul x (Wt Wx)' and a per-step
+        # term (m Wm' + b) Wt' + temb Wτ' + b1 replace two; the output bias and the positions add up to one term.
+        # The products are taken in float32 whatever the weights' dtype.
         a, de = self.config.action_dim, self.config.expert_width
-        w_in, w_time = self.action_in.weight, self.action_time[0].weight
-        dtype = w_in.dtype
+        w_in, w_time = self.action_in.weight.float(), self.action_time[0].weight.float()
+        w_tok = w_time[:, :de]
         t = torch.tensor(times, device=w_in.device)
+        mask_term = F.linear(cache.action_mask.float(), w_in[:, a:], self.action_in.bias.float())  # (B, De)
+        time_terms = F.linear(time_embedding(t, de), w_time[:, de:], self.action_time[0].bias.float())  # (K, De)
+        dtype = self.action_in.weight.dtype
         return FlowContext(
             cache, keys, values, mask, n_ctx=cache.mask.shape[1],
-            w_x=w_in[:, :a].contiguous(),
-            mask_term=F.linear(cache.action_mask.to(dtype), w_in[:, a:], self.action_in.bias)[:, None],
-            w_tok=w_time[:, :de].contiguous(),
-            time_terms=F.linear(time_embedding(t, de).to(dtype), w_time[:, de:], self.action_time[0].bias)[:, None],
+            w_x=(w_tok @ w_in[:, :a]).to(dtype),
+            step_terms=(time_terms[:, None, None] + (mask_term @ w_tok.T)[:, None]).to(dtype),  # (K, B, 1, De)
             out_term=self.action_time[2].bias + self.action_pos[:n],
         )  # fmt: skip
 
@@ -524,8 +525,7 @@ class PhysisModel(nn.Module):
         """`predict_velocity` at the flow context's step `step`: the same numbers up to rounding, without the
         per-step concatenations, time embedding and mask building."""
         dtype = flow.w_x.dtype
-        tok = F.linear(x if x.dtype == dtype else x.to(dtype), flow.w_x) + flow.mask_term
-        h = F.silu(F.linear(tok, flow.w_tok) + flow.time_terms[step])
+        h = F.silu(F.linear(x if x.dtype == dtype else x.to(dtype), flow.w_x) + flow.step_terms[step])
         h = F.linear(h, self.action_time[2].weight) + flow.out_term
         for block, kb, vb in zip(self.expert, flow.keys, flow.values, strict=True):
             h = block.forward_cached(h, flow.mask, kb, vb, flow.n_ctx)
