@@ -9,11 +9,10 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   bf16       a bf16 copy of the weights; the Euler state stays float32
   int8       a copy with dynamically quantized int8 Linear layers (convolutions stay float32)
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
-  compile-bf16  inductor with its C++ wrapper: the prefix encoder on a bf16 copy of the weights, with the last
-             chunk's subtask checked in the same graph (most chunks need no decoding), and the whole K-step flow
-             loop as one float32 graph with its weights frozen in (prepacked for MKL; its ~20 matmuls a step are
-             too small for bf16 to pay for its conversions). Each graph compiles on first use (10-70 s per input
-             shape on 2 cores)
+  compile-bf16  inductor with its freezing passes and C++ wrapper: the prefix encoder on a bf16 copy of the
+             weights, with the last chunk's subtask checked in the same graph (most chunks need no decoding), and
+             the whole K-step flow loop as one float32 graph (its ~20 matmuls a step are too small for bf16 to
+             pay for its conversions). Each graph compiles on first use (10-70 s per input shape on 2 cores)
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
@@ -21,12 +20,11 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,25 +42,13 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "bf16", "int8", "compile", "compile-bf16", "onnx", "onnx-int8", "cuda-graph")
 # inductor settings of compile-bf16: at batch 1 a flow step is ~90 small operations, and the C++ wrapper is what
-# makes compiling pay there (docs/benchmarks/runtime.md). Freezing is not an option here: see `weights_frozen`.
-CPP_WRAPPER = {"cpp_wrapper": True}
+# makes compiling pay there (docs/benchmarks/runtime.md). `freezing` as a compile option runs inductor's freezing
+# passes but leaves the weights graph inputs: dynamo reads the global setting when it traces. Weights folded in
+# for real (prepacked for MKL) made no measurable difference to a chunk.
+FROZEN_CPP = {"freezing": True, "cpp_wrapper": True}
 CONTEXT_ROUNDING = 32  # compile-bf16 pads the flow's context to a multiple of this many keys
 TEXT_ROUNDING = 8  # compiled prefix encoders pad the instruction to a multiple of this many tokens
 Batch = dict[str, torch.Tensor]
-
-
-@contextlib.contextmanager
-def weights_frozen() -> Iterator[None]:
-    """Inductor's freezing (weights folded in as constants, matmul weights prepacked for MKL / oneDNN) while the
-    calls inside may trace a graph. Dynamo decides whether parameters may be frozen from the global setting when it
-    traces, so `torch.compile(options={"freezing": True})` alone leaves them graph inputs. A frozen graph keeps
-    the weights it was traced with."""
-    config = torch._inductor.config
-    before, config.freezing = config.freezing, True
-    try:
-        yield
-    finally:
-        config.freezing = before
 
 
 class Engine:
@@ -168,16 +154,14 @@ class CompiledEngine(_LoopEngine):
 
     def __init__(self, model: PhysisModel, dtype: torch.dtype = torch.float32,
                  options: dict[str, Any] | None = None, unrolled: bool = False,
-                 flow_dtype: torch.dtype | None = None, frozen_flow: bool = False) -> None:
-        """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (CPP_WRAPPER);
+                 flow_dtype: torch.dtype | None = None) -> None:
+        """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP);
         `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
-        `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`);
-        `frozen_flow` freezes the flow loop's weights into its graph (`weights_frozen`)."""
+        `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`)."""
         from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet
 
         super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
         self._options = options
-        self._frozen_flow = frozen_flow
         self._encoder = torch.compile(PrefixEncoder(self.net), dynamic=False, options=options)
         self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
         self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
@@ -215,9 +199,8 @@ class CompiledEngine(_LoopEngine):
         pad = -cache.mask.shape[1] % CONTEXT_ROUNDING
         keys = F.pad(torch.stack(cache.keys), (0, 0, 0, pad)).to(self._flow_dtype)
         values = F.pad(torch.stack(cache.values), (0, 0, 0, pad)).to(self._flow_dtype)
-        with weights_frozen() if self._frozen_flow else contextlib.nullcontext():
-            return self._samplers[steps](x, keys, values, F.pad(cache.mask, (0, pad), value=False),
-                                         cache.action_mask, prefix_actions.float(), prefix_weights.float())
+        return self._samplers[steps](x, keys, values, F.pad(cache.mask, (0, pad), value=False), cache.action_mask,
+                                     prefix_actions.float(), prefix_weights.float())
 
     def _graph_inputs(self, batch: Batch) -> Batch:
         batch = with_action_mask(self.inputs(batch), self.config.action_dim)
@@ -385,8 +368,7 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
     elif backend == "compile":
         engine = CompiledEngine(model)
     elif backend == "compile-bf16":
-        engine = CompiledEngine(model, torch.bfloat16, CPP_WRAPPER, unrolled=True, flow_dtype=torch.float32,
-                                frozen_flow=True)
+        engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.float32)
     elif backend == "cuda-graph":
         from physis.runtime.graphs import GraphEngine
 
