@@ -36,9 +36,12 @@ def test_flop_count_grows_with_steps_and_counts_attention() -> None:
     torch.manual_seed(0)
     model = PhysisModel(ModelConfig.preset("tiny", image_size=32, cameras=2, subtask=False)).eval()
     batch = example_batch(model)
-    one, _ = count_flops(model, batch, 1, True, subtask=False)
-    three, tokens = count_flops(model, batch, 3, True, subtask=False)
+    one, _, flow_one = count_flops(model, batch, 1, True, subtask=False)
+    three, tokens, flow_three = count_flops(model, batch, 3, True, subtask=False)
     per_step = (three - one) // 2
+    # the flow loop's share: everything after the prefix, which is the same whatever the steps
+    assert 0 < flow_one < one and three - flow_three == one - flow_one
+    assert count_flops(model, batch, 3, False, subtask=False)[2] == 0  # uncached: no separate flow loop
     cfg = model.config
     h, a, de, d, hidden = cfg.horizon, cfg.action_dim, cfg.expert_width, cfg.width, int(cfg.expert_width * 4)
     n_keys = batch["images"].shape[1] * cfg.patch_grid**2 + cfg.max_text_tokens + 2 + h

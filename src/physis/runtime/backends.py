@@ -62,6 +62,11 @@ class Engine:
         self.dtype = dtype
         self.config = model.config
 
+    @property
+    def flow_dtype(self) -> torch.dtype:
+        """The dtype the flow loop's weights run in (`dtype` unless the engine says otherwise)."""
+        return self.dtype
+
     def inputs(self, batch: Batch) -> Batch:
         """The batch with its float tensors in the weights' dtype."""
         if self.dtype == torch.float32:
@@ -201,6 +206,10 @@ class CompiledEngine(_LoopEngine):
         values = F.pad(torch.stack(cache.values), (0, 0, 0, pad)).to(self._flow_dtype)
         return self._samplers[steps](x, keys, values, F.pad(cache.mask, (0, pad), value=False), cache.action_mask,
                                      prefix_actions.float(), prefix_weights.float())
+
+    @property
+    def flow_dtype(self) -> torch.dtype:
+        return self._flow_dtype if self._samplers is not None else self.dtype
 
     def _graph_inputs(self, batch: Batch) -> Batch:
         batch = with_action_mask(self.inputs(batch), self.config.action_dim)

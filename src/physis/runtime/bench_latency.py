@@ -6,7 +6,8 @@ re-encoded for every flow step, as a model without a prefix cache would. With th
 previous chunk's subtask to the model as a draft, as `Policy` does (--no-draft: token-by-token decoding).
 Each configuration also reports its FLOPs (counted once, on the float32 model) and the ratio of its median
 time to a floor: the time this machine takes for one matmul with the same FLOPs, in the backend's dtype (the
-best of 20 runs).
+best of 20 runs); for an engine whose flow loop runs in another dtype (compile-bf16), the prefix's FLOPs at the
+one dtype's floor plus the flow loop's at the other's.
 
 The configurations of a preset are timed round-robin, five chunks at a time, so that whatever else the machine
 does meanwhile falls on all of them alike; `cpu_p50_ms` (process CPU time per chunk) is the steadier figure
@@ -222,19 +223,25 @@ def _row(cfg: LatencyBenchConfig, name: str, model: PhysisModel, batch: dict[str
     key = ("flops", timer.steps, timer.cache)
     if key not in memo:
         memo[key] = count_flops(model, batch, timer.steps, timer.cache, cfg.subtask)
-    flops, tokens = memo[key]
-    dtype = "bfloat16" if timer.engine.dtype == torch.bfloat16 else "float32"
-    if ("floor", flops, dtype) not in memo:
-        memo["floor", flops, dtype] = matmul_floor_ms(flops, getattr(torch, dtype), device=timer.device)
-    floor = memo["floor", flops, dtype]
+    flops, tokens, flow = memo[key]
+    # the floor in the dtype each part runs in: an engine whose flow loop has its own dtype (compile-bf16: a bf16
+    # prefix, a float32 flow loop) gets the prefix's FLOPs at the one's floor and the flow loop's at the other's
+    parts = [(flops - flow, timer.engine.dtype), (flow, timer.engine.flow_dtype)] if timer.cache else \
+        [(flops, timer.engine.dtype)]
+    floor = 0.0
+    for part_flops, part_dtype in parts:
+        if part_flops and ("floor", part_flops, part_dtype) not in memo:
+            memo["floor", part_flops, part_dtype] = matmul_floor_ms(part_flops, part_dtype, device=timer.device)
+        floor += memo["floor", part_flops, part_dtype] if part_flops else 0.0
+    dtypes = sorted({str(d).removeprefix("torch.") for f, d in parts if f})
     p50 = float(np.percentile(ms, 50))
     return {
         "preset": name, "backend": timer.engine.backend, "steps": timer.steps, "cache": timer.cache, "batch": 1,
         "cameras": model.config.cameras, "image_size": model.config.image_size, "params": model.num_parameters(),
         "subtask_tokens": tokens, "p50_ms": p50, "p90_ms": float(np.percentile(ms, 90)),
         "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "min_ms": float(ms.min()),
-        "cpu_p50_ms": float(np.median(timer.cpu)), "repeats": len(ms), "gflop": flops / 1e9, "floor_ms": floor,
-        "floor_dtype": dtype, "ratio_to_floor": p50 / floor,
+        "cpu_p50_ms": float(np.median(timer.cpu)), "repeats": len(ms), "gflop": flops / 1e9,
+        "flow_gflop": flow / 1e9, "floor_ms": floor, "floor_dtype": "+".join(dtypes), "ratio_to_floor": p50 / floor,
     }
 
 
@@ -283,21 +290,28 @@ def _sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = N
 
 
 def count_flops(model: PhysisModel, batch: dict[str, torch.Tensor], steps: int, cache: bool,
-                subtask: bool) -> tuple[int, int]:
-    """(FLOPs of one chunk on the float32 model, subtask tokens generated). Matmuls, convolutions and attention
-    count; elementwise work does not."""
+                subtask: bool) -> tuple[int, int, int]:
+    """(FLOPs of one chunk on the float32 model, subtask tokens generated, the FLOPs of its flow loop: with the cache,
+    the part after the prefix and subtask; without it, 0, as every step encodes the prefix again). Matmuls,
+    convolutions and attention count; elementwise work does not."""
     engine = Engine(model)
     noise = torch.zeros(1, model.config.horizon, model.config.action_dim, device=batch["images"].device)
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    flow = 0
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         if cache:
-            ids, _ = engine.chunk(batch, steps=steps, noise=noise, subtask=subtask)
+            with torch.inference_mode():
+                ids, prefix = engine.reason(batch) if subtask and model.config.subtask else \
+                    (None, engine.encode_prefix(batch))
+            before = counter.get_total_flops()
+            engine.sample_actions(cache=prefix, steps=steps, noise=noise)
+            flow = counter.get_total_flops() - before
         else:
             uncached_chunk(engine, batch, steps, noise, subtask)
     with torch.inference_mode():
         ids = engine.generate_subtask(engine.encode_prefix(batch))[0] if subtask and model.config.subtask else None
     tokens = 0 if ids is None else int((ids[0] != PAD).sum()) - 1  # after BOS
-    return int(counter.get_total_flops()), tokens
+    return int(counter.get_total_flops()), tokens, int(flow)
 
 
 def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 20, device: torch.device | str = "cpu") -> float:
