@@ -171,3 +171,22 @@ def test_example_batch_takes_an_instruction_length(model) -> None:
     for bad in (-1, model.config.max_text_tokens + 1):
         with pytest.raises(ValueError, match="text_tokens"):
             example_batch(model, text_tokens=bad)
+
+
+def test_compiled_engines_return_the_localizer_estimate() -> None:
+    """A model whose prefix estimates the environment state itself: compile-bf16 hands the estimate on from its
+    prefix graph and from its draft-checking graph, close to the eager engine's."""
+    torch.manual_seed(1)
+    cfg = ModelConfig.preset("tiny", image_size=32, action_dim=A, state_dim=5, horizon=H, cameras=2,
+                             subtask_vocab=("reach", "the", "goal"), keypoints=4, env_state_dim=3, localizer=True)
+    model = PhysisModel(cfg).eval()
+    batch = batch_of(model, 1, seed=7)
+    ref = make_engine(model).encode_prefix(batch).env_state
+    engine = make_engine(model, "compile-bf16")
+    ids, cache = engine.reason(batch)  # the prefix graph, then the decode
+    again, fused = engine.reason(batch, draft=ids)  # the draft-checking graph
+    for estimate in (cache.env_state, fused.env_state):
+        assert estimate is not None and estimate.shape == ref.shape
+        assert (estimate.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-3
+    plain = PhysisModel(ModelConfig.preset("tiny", image_size=32)).eval()  # no localizer: no estimate
+    assert make_engine(plain, "compile-bf16").encode_prefix(example_batch(plain, seed=0)).env_state is None

@@ -163,11 +163,12 @@ class CompiledEngine(_LoopEngine):
         """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP);
         `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
         `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`)."""
-        from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet
+        from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet, reads_localizer
 
         super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
         self._options = options
-        self._encoder = torch.compile(PrefixEncoder(self.net), dynamic=False, options=options)
+        self._env_state = reads_localizer(model)  # the encoders also return the localizer's estimate
+        self._encoder = torch.compile(PrefixEncoder(self.net, self._env_state), dynamic=False, options=options)
         self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
         self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
         self._flow_dtype = flow_dtype or dtype
@@ -178,7 +179,8 @@ class CompiledEngine(_LoopEngine):
                 copy.deepcopy(model).to(self._flow_dtype).eval()
         self._reasoner = None
         if unrolled and self.config.subtask:
-            self._reasoner = torch.compile(PrefixDraftEncoder(self.net), dynamic=False, options=options)
+            self._reasoner = torch.compile(PrefixDraftEncoder(self.net, self._env_state), dynamic=False,
+                                           options=options)
 
     @torch.inference_mode()
     def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
@@ -221,8 +223,10 @@ class CompiledEngine(_LoopEngine):
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
         batch = self._graph_inputs(batch)
-        keys, values, mask = self._encoder(*(batch[k] for k in BATCH_KEYS))
-        return stacked_cache(keys, values, mask, batch["action_mask"].bool())
+        keys, values, mask, *env_state = self._encoder(*(batch[k] for k in BATCH_KEYS))
+        cache = stacked_cache(keys, values, mask, batch["action_mask"].bool())
+        cache.env_state = env_state[0] if env_state else None
+        return cache
 
     @torch.inference_mode()
     def reason(self, batch: Batch, draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
@@ -235,15 +239,18 @@ class CompiledEngine(_LoopEngine):
         batch = self._graph_inputs(batch)
         n = self.config.max_subtask_tokens
         d, last = padded_draft(draft, n, batch["state"].device)
-        keys, values, mask, pred = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
+        keys, values, mask, pred, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
         action_mask, p = batch["action_mask"].bool(), mask.shape[1]
         agree = (pred == d[:, 1:]).int().cumprod(1).sum(1)  # leading draft tokens the decode reproduces
         if bool((agree >= last).all()):
             ids = torch.where(torch.arange(n, device=d.device) <= last[:, None], d, PAD)
             cache = stacked_cache(keys, values, torch.cat([mask, ids != PAD], 1), action_mask, prefix_len=p)
             cache.subtask_ids = ids
+            cache.env_state = env_state[0] if env_state else None
             return ids, cache
-        return self.generate_subtask(stacked_cache(keys[..., :p, :], values[..., :p, :], mask, action_mask), draft)
+        prefix = stacked_cache(keys[..., :p, :], values[..., :p, :], mask, action_mask)
+        prefix.env_state = env_state[0] if env_state else None
+        return self.generate_subtask(prefix, draft)
 
     def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
         keys, values = torch.stack(cache.keys), torch.stack(cache.values)

@@ -40,20 +40,30 @@ def stacked_cache(keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, 
     return PrefixCache(list(keys.unbind(0)), list(values.unbind(0)), mask, None, action_mask, n)
 
 
-class PrefixEncoder(nn.Module):
-    """Observation tensors -> keys, values (L, B, heads, N, head_dim) and key mask (B, N) of the prefix."""
+def reads_localizer(model: PhysisModel) -> bool:
+    """Whether the model's prefix estimates the environment state itself (the keypoint localizer), so that an
+    encoder graph can return the estimate beside the keys and values."""
+    return bool(model.config.localizer and model.config.env_state_dim)
 
-    def __init__(self, model: PhysisModel) -> None:
+
+class PrefixEncoder(nn.Module):
+    """Observation tensors -> keys, values (L, B, heads, N, head_dim) and key mask (B, N) of the prefix; with
+    `env_state`, also the localizer's estimate (B, env_state_dim)."""
+
+    def __init__(self, model: PhysisModel, env_state: bool = False) -> None:
         super().__init__()
-        self.model = model
+        if env_state and not reads_localizer(model):
+            raise ValueError("PrefixEncoder: env_state=True needs a model with the keypoint localizer")
+        self.model, self.env_state = model, env_state
 
     def forward(self, images: torch.Tensor, image_mask: torch.Tensor, state: torch.Tensor, state_mask: torch.Tensor,
                 text: torch.Tensor, text_mask: torch.Tensor, embodiment: torch.Tensor,
-                action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                action_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         batch = {"images": images, "image_mask": image_mask, "state": state, "state_mask": state_mask, "text": text,
                  "text_mask": text_mask, "embodiment": embodiment, "action_mask": action_mask}
         cache = self.model._encode(batch, pooled=False)[0]
-        return torch.stack(cache.keys), torch.stack(cache.values), cache.mask
+        out = torch.stack(cache.keys), torch.stack(cache.values), cache.mask
+        return (*out, cache.env_state) if self.env_state else out
 
 
 class PrefixDraftEncoder(nn.Module):
@@ -62,18 +72,21 @@ class PrefixDraftEncoder(nn.Module):
     Inputs: the observation tensors of `PrefixEncoder`, then draft (B, n) int64 (BOS w.. EOS PAD.., n =
     max_subtask_tokens). Outputs: keys, values (L, B, heads, N + n, head_dim) of the prefix and the draft, the
     prefix key mask (B, N), and pred (B, n - 1) int64: the greedy token after each draft position, which checks
-    the draft as `PhysisModel.generate_subtask` does (the draft's own keys after its EOS are never attended).
+    the draft as `PhysisModel.generate_subtask` does (the draft's own keys after its EOS are never attended); with
+    `env_state`, also the localizer's estimate (B, env_state_dim).
     """
 
-    def __init__(self, model: PhysisModel) -> None:
+    def __init__(self, model: PhysisModel, env_state: bool = False) -> None:
         super().__init__()
         if not model.config.subtask:
             raise ValueError("PrefixDraftEncoder: the model was built with subtask=False")
-        self.model = model
+        if env_state and not reads_localizer(model):
+            raise ValueError("PrefixDraftEncoder: env_state=True needs a model with the keypoint localizer")
+        self.model, self.env_state = model, env_state
 
     def forward(self, images: torch.Tensor, image_mask: torch.Tensor, state: torch.Tensor, state_mask: torch.Tensor,
                 text: torch.Tensor, text_mask: torch.Tensor, embodiment: torch.Tensor, action_mask: torch.Tensor,
-                draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                draft: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m = self.model
         batch = {"images": images, "image_mask": image_mask, "state": state, "state_mask": state_mask, "text": text,
                  "text_mask": text_mask, "embodiment": embodiment, "action_mask": action_mask}
@@ -82,9 +95,9 @@ class PrefixDraftEncoder(nn.Module):
         if m.backbone is not None:  # the backbone encodes the prefix; the draft follows through physis's blocks
             cache = m._encode(batch, pooled=False)[0]
             hidden, keys, values = m._trunk_extend(sub, cache.keys, cache.values, cache.mask)
-            mask = cache.mask
+            mask, env_state = cache.mask, cache.env_state
         else:  # prefix and draft through each block together: a few larger matmuls instead of twice as many
-            tokens, mask = m.prefix(batch)[:2]
+            tokens, mask, _, env_state = m.prefix(batch)
             p = tokens.shape[1]
             prefix_rows = torch.cat([key_mask(mask, p), torch.zeros_like(mask[:, None, None, :1]).expand(-1, 1, p, n)],
                                     dim=-1)  # the prefix never reads the draft
@@ -101,7 +114,8 @@ class PrefixDraftEncoder(nn.Module):
             values.append(v)
         logits = m.subtask_out(hidden[:, :-1])  # hidden is normed
         logits[..., [PAD, BOS]] = float("-inf")
-        return torch.stack(keys), torch.stack(values), mask, logits.argmax(-1)
+        out = torch.stack(keys), torch.stack(values), mask, logits.argmax(-1)
+        return (*out, env_state) if self.env_state else out
 
 
 class SubtaskStep(nn.Module):
