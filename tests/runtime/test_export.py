@@ -184,7 +184,7 @@ def test_compiled_engines_return_the_localizer_estimate() -> None:
     ref = make_engine(model).encode_prefix(batch).env_state
     engine = make_engine(model, "compile-bf16")
     ids, cache = engine.reason(batch)  # the prefix graph, then the decode
-    again, fused = engine.reason(batch, draft=ids)  # the draft-checking graph
+    _, fused = engine.reason(batch, draft=ids)  # the draft-checking graph
     for estimate in (cache.env_state, fused.env_state):
         assert estimate is not None and estimate.shape == ref.shape
         assert (estimate.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-3
