@@ -240,16 +240,16 @@ class CompiledEngine(_LoopEngine):
         n = self.config.max_subtask_tokens
         d, last = padded_draft(draft, n, batch["state"].device)
         keys, values, mask, pred, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
+        estimate = env_state[0] if env_state else None
         action_mask, p = batch["action_mask"].bool(), mask.shape[1]
         agree = (pred == d[:, 1:]).int().cumprod(1).sum(1)  # leading draft tokens the decode reproduces
         if bool((agree >= last).all()):
             ids = torch.where(torch.arange(n, device=d.device) <= last[:, None], d, PAD)
             cache = stacked_cache(keys, values, torch.cat([mask, ids != PAD], 1), action_mask, prefix_len=p)
-            cache.subtask_ids = ids
-            cache.env_state = env_state[0] if env_state else None
+            cache.subtask_ids, cache.env_state = ids, estimate
             return ids, cache
         prefix = stacked_cache(keys[..., :p, :], values[..., :p, :], mask, action_mask)
-        prefix.env_state = env_state[0] if env_state else None
+        prefix.env_state = estimate
         return self.generate_subtask(prefix, draft)
 
     def _velocity_fn(self, cache: PrefixCache) -> Callable[[torch.Tensor, float], torch.Tensor]:
