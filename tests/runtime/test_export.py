@@ -110,6 +110,28 @@ def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
         assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())  # committed: exact
 
 
+def test_frozen_autotuned_bf16_flow_matches_the_eager_bf16_flow(model) -> None:
+    """compile-bf16's flow loop where the CPU has AMX (weights frozen into the graph, inductor's C++ GEMM template),
+    built here on any CPU: the same bf16 weights as the eager bf16 engine, so only rounding order may differ."""
+    from physis.runtime.backends import AMX_FLOW, FROZEN_CPP, CompiledEngine
+
+    engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.bfloat16,
+                            flow_options=AMX_FLOW, freeze_flow=True)
+    eager = make_engine(model, "bf16")
+    g = torch.Generator().manual_seed(8)
+    noise, target = torch.randn(2, H, A, generator=g), torch.randn(2, H, A, generator=g)
+    weights = torch.zeros(2, H)
+    weights[:, :2], weights[:, 2:4] = 1.0, 0.5
+    cache = eager.generate_subtask(eager.encode_prefix(batch_of(model, 2, seed=8)))[1]
+    for steps in (3, 3, 2):  # a traced graph, the same graph again, another step count
+        ref = eager.sample_actions(cache=cache, noise=noise, steps=steps, prefix_actions=target, prefix_weights=weights)
+        out = engine.sample_actions(cache=cache, noise=noise, steps=steps, prefix_actions=target,
+                                    prefix_weights=weights)
+        # bf16 rounding in another order: well under 2% of the scale; a wrongly computed weight is off by more
+        assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.02 * ref.abs().max()
+        assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())
+
+
 def test_compiled_reasoning_checks_a_draft_in_the_prefix_graph(model, monkeypatch) -> None:
     engine = make_engine(model, "compile-bf16")
     batch = batch_of(model, 2, seed=6)

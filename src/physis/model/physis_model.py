@@ -507,16 +507,18 @@ class PhysisModel(nn.Module):
         # [tok, temb] = tok Wt' + (temb Wτ' + b1). Both are linear in x, so one matmul x (Wt Wx)' and a per-step
         # term (m Wm' + b) Wt' + temb Wτ' + b1 replace two; the output bias and the positions add up to one term.
         # The products are taken in float32 whatever the weights' dtype.
+        # The column slices are made contiguous: inductor's C++ GEMM template (compile-bf16's max-autotune) computes
+        # a linear with a frozen strided weight wrongly (torch 2.13).
         a, de = self.config.action_dim, self.config.expert_width
         w_in, w_time = self.action_in.weight.float(), self.action_time[0].weight.float()
-        w_tok = w_time[:, :de]
+        w_tok = w_time[:, :de].contiguous()
         t = torch.tensor(times, device=w_in.device)
-        mask_term = F.linear(cache.action_mask.float(), w_in[:, a:], self.action_in.bias.float())  # (B, De)
-        time_terms = F.linear(time_embedding(t, de), w_time[:, de:], self.action_time[0].bias.float())  # (K, De)
+        mask_term = F.linear(cache.action_mask.float(), w_in[:, a:].contiguous(), self.action_in.bias.float())
+        time_terms = F.linear(time_embedding(t, de), w_time[:, de:].contiguous(), self.action_time[0].bias.float())
         dtype = self.action_in.weight.dtype
         return FlowContext(
             cache, keys, values, mask, n_ctx=cache.mask.shape[1],
-            w_x=(w_tok @ w_in[:, :a]).to(dtype),
+            w_x=(w_tok @ w_in[:, :a].contiguous()).to(dtype),
             step_terms=(time_terms[:, None, None] + (mask_term @ w_tok.T)[:, None]).to(dtype),  # (K, B, 1, De)
             out_term=self.action_time[2].bias + self.action_pos[:n],
         )  # fmt: skip
