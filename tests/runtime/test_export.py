@@ -113,10 +113,9 @@ def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
 def test_frozen_autotuned_bf16_flow_matches_the_eager_bf16_flow(model) -> None:
     """compile-bf16's flow loop where the CPU has AMX (weights frozen into the graph, inductor's C++ GEMM template),
     built here on any CPU: the same bf16 weights as the eager bf16 engine, so only rounding order may differ."""
-    from physis.runtime.backends import AMX_FLOW, FROZEN_CPP, CompiledEngine
+    from physis.runtime.backends import FROZEN_AMX, CompiledEngine
 
-    engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.bfloat16,
-                            flow_options=AMX_FLOW, freeze_flow=True)
+    engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True)
     eager = make_engine(model, "bf16")
     g = torch.Generator().manual_seed(8)
     noise, target = torch.randn(2, H, A, generator=g), torch.randn(2, H, A, generator=g)

@@ -48,10 +48,11 @@ BACKENDS = ("eager", "bf16", "int8", "compile", "compile-bf16", "onnx", "onnx-in
 # passes but leaves the weights graph inputs: dynamo reads the global setting when it traces. Weights folded in
 # for real (prepacked for MKL) made no measurable difference to a chunk.
 FROZEN_CPP = {"freezing": True, "cpp_wrapper": True}
-# compile-bf16's flow loop where the CPU has AMX: bf16 weights frozen into the graph for real and inductor's C++ GEMM
-# template (AMX micro-kernels inlined in the graph) instead of a library call per matmul: 4.1 against 6.1 ms for
-# `small`'s 10 steps. Without AMX the float32 graph (FROZEN_CPP) stays, measured faster there than bf16.
-AMX_FLOW = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+# compile-bf16 where the CPU has AMX: every graph in bf16 with its weights frozen in for real (CompiledEngine's
+# `freeze`) and inductor's C++ GEMM template (AMX micro-kernels inlined in the graph) where it beats a library call:
+# `small`'s 10 flow steps take 4.1 against 6.1 ms, a chunk 8.1 against 9.6. Without AMX, FROZEN_CPP and the flow loop
+# in float32, measured faster there than bf16.
+FROZEN_AMX = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
             "max_autotune_report_choices_stats": False}
 CONTEXT_ROUNDING = 32  # compile-bf16 pads the flow's context to a multiple of this many keys
 TEXT_ROUNDING = 8  # compiled prefix encoders pad the instruction to a multiple of this many tokens
@@ -166,23 +167,19 @@ class CompiledEngine(_LoopEngine):
 
     def __init__(self, model: PhysisModel, dtype: torch.dtype = torch.float32,
                  options: dict[str, Any] | None = None, unrolled: bool = False,
-                 flow_dtype: torch.dtype | None = None, flow_options: dict[str, Any] | None = None,
-                 freeze_flow: bool = False) -> None:
-        """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP);
-        `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
-        `flow_dtype` (default `dtype`) with `flow_options` (default `options`; `freeze_flow` folds its weights into
-        the graph), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`)."""
+                 flow_dtype: torch.dtype | None = None, freeze: bool = False) -> None:
+        """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP,
+        FROZEN_AMX); `freeze` folds the weights into the graphs (a snapshot: later changes to `model` do not reach
+        them); `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
+        `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`)."""
         from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet, reads_localizer
 
         super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
-        self._options = options
+        self._options, self._freeze = options, freeze
         self._env_state = reads_localizer(model)  # the encoders also return the localizer's estimate
-        self._encoder = torch.compile(PrefixEncoder(self.net, self._env_state), dynamic=False, options=options)
-        self._velocity = torch.compile(VelocityNet(self.net), dynamic=False, options=options)
+        self._encoder = self._compile(PrefixEncoder(self.net, self._env_state))
+        self._velocity = self._compile(VelocityNet(self.net))
         self._samplers: dict[int, Callable[..., torch.Tensor]] | None = {} if unrolled else None
-        self._flow_options = options if flow_options is None else flow_options
-        self._freeze_flow = freeze_flow
-        self._sampler_shapes: set[tuple] = set()  # (steps, context shape) each sampler graph was traced for
         self._flow_dtype = flow_dtype or dtype
         if self._flow_dtype == dtype:
             self._flow_net = self.net
@@ -191,8 +188,11 @@ class CompiledEngine(_LoopEngine):
                 copy.deepcopy(model).to(self._flow_dtype).eval()
         self._reasoner = None
         if unrolled and self.config.subtask:
-            self._reasoner = torch.compile(PrefixDraftEncoder(self.net, self._env_state), dynamic=False,
-                                           options=options)
+            self._reasoner = self._compile(PrefixDraftEncoder(self.net, self._env_state))
+
+    def _compile(self, module: nn.Module) -> Callable[..., Any]:
+        graph = torch.compile(module, dynamic=False, options=self._options)
+        return _Frozen(graph) if self._freeze else graph
 
     @torch.inference_mode()
     def sample_actions(self, batch: Batch | None = None, steps: int | None = None, noise: torch.Tensor | None = None,
@@ -211,23 +211,14 @@ class CompiledEngine(_LoopEngine):
         if prefix_actions is None or prefix_weights is None:  # all-zero weights: every step free
             prefix_actions, prefix_weights = torch.zeros(shape, device=device), torch.zeros(shape[:2], device=device)
         if steps not in self._samplers:
-            self._samplers[steps] = torch.compile(FlowSampler(self._flow_net, steps), dynamic=False,
-                                                  options=self._flow_options)
+            self._samplers[steps] = self._compile(FlowSampler(self._flow_net, steps))
         # the context (prefix + subtask) varies with the instruction and the subtask; padded with masked keys to a
         # multiple of CONTEXT_ROUNDING, a few graphs serve every length instead of one compile per length
         pad = -cache.mask.shape[1] % CONTEXT_ROUNDING
         keys = F.pad(torch.stack(cache.keys), (0, 0, 0, pad)).to(self._flow_dtype)
         values = F.pad(torch.stack(cache.values), (0, 0, 0, pad)).to(self._flow_dtype)
-        args = (x, keys, values, F.pad(cache.mask, (0, pad), value=False), cache.action_mask, prefix_actions.float(),
-                prefix_weights.float())
-        traced = (steps, *keys.shape)
-        if traced in self._sampler_shapes or not self._freeze_flow:
-            return self._samplers[steps](*args)
-        # a first call traces (dynamo reads the global setting, not the compile option) and freezes the weights
-        with _freezing():
-            out = self._samplers[steps](*args)
-        self._sampler_shapes.add(traced)
-        return out
+        return self._samplers[steps](x, keys, values, F.pad(cache.mask, (0, pad), value=False), cache.action_mask,
+                                     prefix_actions.float(), prefix_weights.float())
 
     @property
     def flow_dtype(self) -> torch.dtype:
@@ -280,10 +271,27 @@ class CompiledEngine(_LoopEngine):
                                            cache.action_mask)
 
 
+class _Frozen:
+    """A torch.compile'd module whose weights are frozen into its graphs for real: dynamo reads inductor's global
+    `freezing`, not the compile option, so each input signature's first call (the one that traces) runs under it."""
+
+    def __init__(self, graph: Callable[..., Any]) -> None:
+        self.graph = graph
+        self.traced: set[tuple] = set()
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        signature = tuple((a.shape, a.dtype) for a in args)
+        if signature in self.traced:
+            return self.graph(*args)
+        with _freezing():
+            out = self.graph(*args)
+        self.traced.add(signature)
+        return out
+
+
 @contextlib.contextmanager
 def _freezing() -> Iterator[None]:
-    """Inductor's freezing for the graphs traced inside (dynamo reads the global setting, not the compile option),
-    without max-autotune's tables of timings on stderr."""
+    """Inductor's freezing for the graphs traced inside, without max-autotune's tables of timings on stderr."""
     from torch._inductor import select_algorithm
 
     with torch._inductor.config.patch(freezing=True), mock.patch.object(select_algorithm, "PRINT_AUTOTUNE", False), \
@@ -417,9 +425,10 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         engine = CompiledEngine(model)
     elif backend == "compile-bf16":
         amx = torch.cpu._is_amx_tile_supported() and next(model.parameters()).device.type == "cpu"
-        engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True,
-                                flow_dtype=torch.bfloat16 if amx else torch.float32,
-                                flow_options=AMX_FLOW if amx else FROZEN_CPP, freeze_flow=amx)
+        if amx:
+            engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True)
+        else:
+            engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.float32)
     elif backend == "cuda-graph":
         from physis.runtime.graphs import GraphEngine
 
