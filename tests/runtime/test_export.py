@@ -150,6 +150,31 @@ def test_compiled_reasoning_checks_a_draft_in_the_prefix_graph(model, monkeypatc
     wrong[:, 1] = torch.where(ids[:, 1] == 4, 5, 4)  # another word: the decode goes on from the disagreement
     fixed, cache = engine.reason(batch, draft=wrong)
     assert torch.equal(fixed, ids) and torch.equal(cache.mask, decoded.mask)
+    with monkeypatch.context() as m:  # a token within the tie margin of the best counts as the greedy choice
+        m.setattr("physis.runtime.backends.DRAFT_TIE", float("inf"))
+        m.setattr(engine, "generate_subtask", lambda *a, **k: pytest.fail("a draft within the margin was decoded"))
+        kept, _ = engine.reason(batch, draft=wrong)
+    assert torch.equal(kept, wrong)
+
+
+@torch.inference_mode()
+def test_the_draft_graph_scores_each_draft_token_against_the_best(model) -> None:
+    from physis.model.physis_model import padded_draft
+    from physis.runtime.backends import with_action_mask
+    from physis.runtime.export import BATCH_KEYS, PrefixDraftEncoder
+
+    batch = with_action_mask(batch_of(model, 2, seed=4), A)
+    ids, _ = model.generate_subtask(model.encode_prefix(batch, pooled=False))
+    d, last = padded_draft(ids, model.config.max_subtask_tokens, "cpu")
+    graph = PrefixDraftEncoder(model)
+    *_, pred, gap = graph(*(batch[k] for k in BATCH_KEYS), d)
+    for row in range(2):  # the greedy decode's own tokens: predicted, zero gap
+        n = int(last[row])
+        assert torch.equal(pred[row, :n], d[row, 1 : n + 1]) and gap[row, :n].eq(0).all()
+    wrong = d.clone()
+    wrong[:, 1] = torch.where(d[:, 1] == 4, 5, 4)
+    *_, pred, gap = graph(*(batch[k] for k in BATCH_KEYS), wrong)
+    assert (pred[:, 0] != wrong[:, 1]).all() and (gap[:, 0] > 0).all()
 
 
 def test_compiled_prefix_serves_nearby_instruction_lengths_with_one_graph(model) -> None:

@@ -54,6 +54,11 @@ FROZEN_CPP = {"freezing": True, "cpp_wrapper": True}
 # in float32, measured faster there than bf16.
 FROZEN_AMX = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
             "max_autotune_report_choices_stats": False}
+# A subtask draft's token whose logit is within this fraction of the best one's counts as the greedy choice. The
+# frozen graphs round in another order than the eager decode, and a near-tie (a random-weight model's margin of 0.5%)
+# that they break the other way would otherwise send every chunk to the decode again; keeping the last subtask
+# through a tie is the hysteresis a controller wants anyway.
+DRAFT_TIE = 0.01
 CONTEXT_ROUNDING = 32  # compile-bf16 pads the flow's context to a multiple of this many keys
 TEXT_ROUNDING = 8  # compiled prefix encoders pad the instruction to a multiple of this many tokens
 Batch = dict[str, torch.Tensor]
@@ -250,10 +255,11 @@ class CompiledEngine(_LoopEngine):
         batch = self._graph_inputs(batch)
         n = self.config.max_subtask_tokens
         d, last = padded_draft(draft, n, batch["state"].device)
-        keys, values, mask, pred, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
+        keys, values, mask, pred, gap, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
         estimate = env_state[0] if env_state else None
         action_mask, p = batch["action_mask"].bool(), mask.shape[1]
-        agree = (pred == d[:, 1:]).int().cumprod(1).sum(1)  # leading draft tokens the decode reproduces
+        # leading draft tokens the decode reproduces, or nearly: one within DRAFT_TIE of the best logit counts
+        agree = ((pred == d[:, 1:]) | (gap <= DRAFT_TIE)).int().cumprod(1).sum(1)
         if bool((agree >= last).all()):
             ids = torch.where(torch.arange(n, device=d.device) <= last[:, None], d, PAD)
             cache = stacked_cache(keys, values, torch.cat([mask, ids != PAD], 1), action_mask, prefix_len=p)

@@ -71,9 +71,10 @@ class PrefixDraftEncoder(nn.Module):
 
     Inputs: the observation tensors of `PrefixEncoder`, then draft (B, n) int64 (BOS w.. EOS PAD.., n =
     max_subtask_tokens). Outputs: keys, values (L, B, heads, N + n, head_dim) of the prefix and the draft, the
-    prefix key mask (B, N), and pred (B, n - 1) int64: the greedy token after each draft position, which checks
-    the draft as `PhysisModel.generate_subtask` does (the draft's own keys after its EOS are never attended); with
-    `env_state`, also the localizer's estimate (B, env_state_dim).
+    prefix key mask (B, N), pred (B, n - 1) int64: the greedy token after each draft position, which checks the
+    draft as `PhysisModel.generate_subtask` does (the draft's own keys after its EOS are never attended), and gap
+    (B, n - 1) float32: the best logit there less the draft token's, over the best's magnitude (at least 1; 0 where
+    they agree); with `env_state`, also the localizer's estimate (B, env_state_dim).
     """
 
     def __init__(self, model: PhysisModel, env_state: bool = False) -> None:
@@ -112,9 +113,12 @@ class PrefixDraftEncoder(nn.Module):
             hidden = m.norm(last._finish(x[:, p:], attention(q[:, :, p:], k, v, attn[:, :, p:])))
             keys.append(k)
             values.append(v)
-        logits = m.subtask_out(hidden[:, :-1])  # hidden is normed
+        logits = m.subtask_out(hidden[:, :-1]).float()  # hidden is normed
         logits[..., [PAD, BOS]] = float("-inf")
-        out = torch.stack(keys), torch.stack(values), mask, logits.argmax(-1)
+        best, pred = logits.max(-1)
+        # how far the draft's token falls behind the best, relative to the best logit's size (at least 1)
+        gap = (best - logits.gather(-1, draft[:, 1:, None]).squeeze(-1)) / best.abs().clamp(min=1.0)
+        out = torch.stack(keys), torch.stack(values), mask, pred, gap
         return (*out, env_state) if self.env_state else out
 
 
