@@ -11,8 +11,10 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
   compile    torch.compile of the prefix encoder and the per-step velocity network; subtask eager
   compile-bf16  inductor with its freezing passes and C++ wrapper: the prefix encoder on a bf16 copy of the
              weights, with the last chunk's subtask checked in the same graph (most chunks need no decoding), and
-             the whole K-step flow loop as one float32 graph (its ~20 matmuls a step are too small for bf16 to
-             pay for its conversions). Each graph compiles on first use (10-70 s per input shape on 2 cores)
+             the whole K-step flow loop as one graph. On a CPU with AMX every graph is bf16 with the weights
+             frozen in and its matmuls on inductor's C++ GEMM template (FROZEN_AMX); elsewhere the flow loop is
+             float32 (its ~20 matmuls a step are too small for bf16 library calls to pay for their conversions).
+             Each graph compiles on first use (10-70 s per input shape on 2 cores, 40-130 s with FROZEN_AMX)
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
