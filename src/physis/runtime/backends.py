@@ -56,10 +56,10 @@ FROZEN_CPP = {"freezing": True, "cpp_wrapper": True}
 # in float32, measured faster there than bf16.
 FROZEN_AMX = {"freezing": True, "cpp_wrapper": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
             "max_autotune_report_choices_stats": False}
-# A subtask draft's token whose logit is within this fraction of the best one's counts as the greedy choice. The
-# frozen graphs round in another order than the eager decode, and a near-tie (a random-weight model's margin of 0.5%)
-# that they break the other way would otherwise send every chunk to the decode again; keeping the last subtask
-# through a tie is the hysteresis a controller wants anyway.
+# A subtask draft's token whose logit falls behind the best by at most this fraction of the best's size (at least 1)
+# counts as the greedy choice (compile-bf16's draft check). The frozen graphs round in another order than the eager
+# decode, and a near-tie (a random-weight model's margin of 0.5%) that they break the other way would otherwise send
+# every chunk to the decode again; keeping the last subtask through a tie is the hysteresis a controller wants anyway.
 DRAFT_TIE = 0.01
 CONTEXT_ROUNDING = 32  # compile-bf16 pads the flow's context to a multiple of this many keys
 TEXT_ROUNDING = 8  # compiled prefix encoders pad the instruction to a multiple of this many tokens
@@ -302,8 +302,8 @@ def _freezing() -> Iterator[None]:
     """Inductor's freezing for the graphs traced inside, without max-autotune's tables of timings on stderr."""
     from torch._inductor import select_algorithm
 
-    with torch._inductor.config.patch(freezing=True), mock.patch.object(select_algorithm, "PRINT_AUTOTUNE", False), \
-            warnings.catch_warnings():
+    quiet = mock.patch.object(select_algorithm, "PRINT_AUTOTUNE", False, create=True)
+    with torch._inductor.config.patch(freezing=True), quiet, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "TypedStorage is deprecated")  # inductor's own use of it
         yield
 
@@ -432,7 +432,8 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
     elif backend == "compile":
         engine = CompiledEngine(model)
     elif backend == "compile-bf16":
-        amx = torch.cpu._is_amx_tile_supported() and next(model.parameters()).device.type == "cpu"
+        amx_cpu = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        amx = amx_cpu and next(model.parameters()).device.type == "cpu"
         if amx:
             engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True)
         else:
