@@ -33,6 +33,13 @@ def onnx_dir(model, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def compiled(model):
+    """One compile-bf16 engine for the module's tests: each graph it builds takes tens of seconds, and tests
+    that meet the same input signature share it."""
+    return make_engine(model, "compile-bf16")
+
+
 def batch_of(model: PhysisModel, b: int, seed: int) -> dict[str, torch.Tensor]:
     """Another batch size, instruction length and camera set than the graphs were exported with."""
     batch = example_batch(model, batch=b, seed=seed)
@@ -80,19 +87,20 @@ def test_onnx_flow_graph_inpaints_like_the_model(model, onnx_dir) -> None:
 
 
 @pytest.mark.parametrize("backend", ["bf16", "int8", "compile-bf16"])
-def test_reduced_precision_backends_stay_close(model, backend) -> None:
+def test_reduced_precision_backends_stay_close(model, backend, request) -> None:
     batch = batch_of(model, 2, seed=3)
     noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(3))
     _, ref = make_engine(model).chunk(batch, steps=3, noise=noise, subtask=False)
-    _, out = make_engine(model, backend).chunk(batch, steps=3, noise=noise, subtask=False)
+    engine = request.getfixturevalue("compiled") if backend == "compile-bf16" else make_engine(model, backend)
+    _, out = engine.chunk(batch, steps=3, noise=noise, subtask=False)
     # within a tenth of the actions' scale: bf16 rounding differs between CPUs (AMX, AVX-512 BF16, neither) and
     # lands at 4-6% here; a wrong weight or dtype is off by the scale itself
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
     assert next(model.parameters()).dtype == torch.float32  # the engines work on copies
 
 
-def test_compiled_bf16_flow_inpaints_at_every_context_length(model) -> None:
-    engine = make_engine(model, "compile-bf16")
+def test_compiled_bf16_flow_inpaints_at_every_context_length(model, compiled) -> None:
+    engine = compiled
     g = torch.Generator().manual_seed(5)
     noise, target = torch.randn(2, H, A, generator=g), torch.randn(2, H, A, generator=g)
     weights = torch.zeros(2, H)
@@ -131,8 +139,8 @@ def test_frozen_autotuned_bf16_flow_matches_the_eager_bf16_flow(model) -> None:
         assert torch.equal(out[:, :2], target[:, :2] * cache.action_mask[:, None].float())
 
 
-def test_compiled_reasoning_checks_a_draft_in_the_prefix_graph(model, monkeypatch) -> None:
-    engine = make_engine(model, "compile-bf16")
+def test_compiled_reasoning_checks_a_draft_in_the_prefix_graph(model, compiled, monkeypatch) -> None:
+    engine = compiled
     batch = batch_of(model, 2, seed=6)
     noise = torch.randn(2, H, A, generator=torch.Generator().manual_seed(6))
     ids, decoded = engine.reason(batch)  # no draft: the prefix graph, then the eager decode
@@ -177,10 +185,10 @@ def test_the_draft_graph_scores_each_draft_token_against_the_best(model) -> None
     assert (pred[:, 0] != wrong[:, 1]).all() and (gap[:, 0] > 0).all()
 
 
-def test_compiled_prefix_serves_nearby_instruction_lengths_with_one_graph(model) -> None:
+def test_compiled_prefix_serves_nearby_instruction_lengths_with_one_graph(model, compiled) -> None:
     from torch._dynamo.utils import counters
 
-    engine = make_engine(model, "compile-bf16")
+    engine = compiled
     batch = batch_of(model, 1, seed=9)
     caches = []
     for n in (9, 12, 12):  # both lengths pad to 16 tokens
