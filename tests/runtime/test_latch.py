@@ -17,6 +17,7 @@ from physis.sim import EnvConfig, make_env
 WORLD = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
 NAMES = WORLD + [f"{n}-robot" for n in WORLD]
 GOAL = ("goal_x", "goal_y", "goal_z")
+OBJECT = ("object_x", "object_y", "object_z")
 
 
 def _latch() -> EnvStateLatch:
@@ -54,6 +55,22 @@ def test_near_field_counterparts_follow_from_the_held_values_on_their_own_scale(
         EnvStateLatch(("goal_x-robot-near",), names, mean, std, spec, near=0.04)
     with pytest.raises(ValueError, match="no near-field scale"):
         EnvStateLatch(GOAL, names, mean, std, spec)
+
+
+def test_a_held_object_is_let_go_once_the_hand_comes_within_the_release_distance() -> None:
+    mean, std = np.linspace(-0.5, 0.5, 12), np.linspace(0.1, 0.3, 12)
+    spec = load_embodiment("metaworld_sawyer")
+    latch = EnvStateLatch(OBJECT, NAMES, mean, std, spec, release=0.05)
+    held = np.array([0.1, 0.7, 0.02])
+    assert not latch.reached(None, np.zeros(4))  # nothing held yet
+    assert not latch.reached(held, np.array([0.1, 0.7, 0.2, 0.5]))  # 18 cm above it
+    assert not latch.reached(held, np.array([0.131, 0.74, 0.02, 0.5]))  # 5.1 cm off in x and y
+    assert latch.reached(held, np.array([0.12, 0.73, 0.04, 0.5]))  # 4.1 cm
+    assert not EnvStateLatch(OBJECT, NAMES, mean, std, spec).reached(held, held)  # no release distance: held on
+    with pytest.raises(ValueError, match="one position"):  # a distance to what, with two positions held
+        EnvStateLatch(OBJECT + GOAL, NAMES, mean, std, spec, release=0.05)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        EnvStateLatch(OBJECT, NAMES, mean, std, spec, release=-0.05)
 
 
 def test_only_world_frame_values_the_checkpoint_names_can_be_latched() -> None:
@@ -106,6 +123,31 @@ def test_the_policy_feeds_the_first_estimate_of_the_goal_for_the_whole_episode(l
     run_chunk(obs)
     run_chunk(obs)
     assert torch.equal(fed[-1], located[-1]) and policy.session.latched is None  # off: the estimate every chunk
+    env.close()
+
+
+def test_the_policy_feeds_the_live_estimate_again_once_the_hand_reaches_the_held_object(localizer_run) -> None:
+    policy = Policy.from_checkpoint(localizer_run, flow_steps=2)
+    fed: list[torch.Tensor] = []
+    policy.model.prefix.localizer_in.register_forward_hook(lambda m, args, out: fed.append(args[0][0].clone()))
+    located: list[torch.Tensor] = []
+    policy.model.prefix.localizer.register_forward_hook(lambda m, args, out: located.append(out[0].clone()))
+    env = make_env("metaworld/mt10", "reach-v3", EnvConfig(image_size=32, cameras=tuple(policy.cameras)))
+    for release, let_go in ((1e-4, False), (10.0, True)):  # out of reach / reached wherever the hand is
+        policy.set_latch(OBJECT, release=release)
+        assert policy.latch == OBJECT and policy.latch_release == release
+        policy.reset()
+        obs, _ = env.reset(seed=1_000_000)
+        policy.infer(obs)
+        assert torch.equal(fed[-1], located[-1]) and not policy.session.released  # the first chunk reads it
+        obs = env.step(np.array([1.0, -1.0, 1.0, 0.0]))[0]
+        policy.infer(obs)
+        assert policy.session.released == let_go
+        assert torch.equal(fed[-1][:3], located[-1][:3]) == let_go  # held, or the estimate again
+        policy.reset()
+        assert not policy.session.released  # a new episode holds again
+    with pytest.raises(ValueError, match="needs latched values"):
+        policy.set_latch((), release=0.05)
     env.close()
 
 

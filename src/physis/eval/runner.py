@@ -59,6 +59,9 @@ class EvalConfig:
     # environment-state values a checkpoint's localizer reads once per episode and then holds (names from its
     # config.json env_state_names, e.g. goal_x goal_y goal_z: a goal does not move; see physis.runtime.latch)
     latch: tuple[str, ...] = ()
+    # let the latched values go once the hand is within this many metres of them, and read the live estimate
+    # again (0: hold for the whole episode); for an object, which stays put only until the hand reaches it
+    latch_release: float = 0.0
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
     image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
@@ -99,7 +102,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             policy.execution = ExecutionConfig(cfg.execution, execute=cfg.replan_every or None)
         if cfg.checkpoint is not None and not cfg.server:
             policy.noise_scale = cfg.noise_scale
-            policy.latch = cfg.latch
+            policy.set_latch(cfg.latch, cfg.latch_release)
         policy.reset()
         located = _localizer_log(policy, env)
         done = False
@@ -252,6 +255,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             raise ValueError(f"--latch holds a localizer's estimate; checkpoint {cfg.checkpoint} has none (train it "
                              "with --localizer)")
         latch_names(cfg.latch, meta.get("env_state_names") or [])
+    if not (cfg.latch_release >= 0 and math.isfinite(cfg.latch_release)):
+        raise ValueError(f"--latch-release must be a finite number of metres >= 0, got {cfg.latch_release}")
+    if cfg.latch_release and not cfg.latch:
+        raise ValueError("--latch-release lets latched values go: name them with --latch")
     if cfg.checkpoint is not None and not cfg.cameras:
         cfg = replace(cfg, cameras=checkpoint_cameras(cfg.checkpoint, get_suite(cfg.suite).embodiment))
     out = Path(cfg.out)
@@ -304,6 +311,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "execution": cfg.execution,
         "noise_scale": cfg.noise_scale,
         "latch": list(cfg.latch),
+        "latch_release": cfg.latch_release,
         "image_size": cfg.image_size,
         "cameras": rendered_cameras(cfg),
         "max_steps": cfg.max_steps or None,

@@ -7,6 +7,10 @@ episode, so a policy can keep the estimate read at the episode's first chunk, be
 feed it to the model from then on. The robot-relative counterparts ("NAME-robot" and, on the near-field
 scale, "NAME-robot-near"; see `physis.data.relative`) follow from the held value and the robot's current
 position.
+
+An object stays put only until the hand reaches it. With a release distance, held values are let go once the
+robot's position comes within that distance of the held position, and the model's own estimate is fed again
+for the rest of the episode: the first reading steers the approach, the live one the grasp.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ class EnvStateLatch:
     """Which environment-state values are held, and how they go to and from the model's normalized units."""
 
     def __init__(self, names: Sequence[str], env_state_names: Sequence[str], mean: np.ndarray, std: np.ndarray,
-                 spec: EmbodimentSpec, near: float = 0.0) -> None:
+                 spec: EmbodimentSpec, near: float = 0.0, release: float = 0.0) -> None:
         """names: the values to hold, among env_state_names (the checkpoint's, in the model's order) and not
         robot-relative ones; mean/std: the checkpoint's environment-state normalization; spec: the robot;
-        near: the near-field scale of the "-robot-near" values (the checkpoint's data.env_state_near)."""
+        near: the near-field scale of the "-robot-near" values (the checkpoint's data.env_state_near); release:
+        let the held values go once the robot is within this distance of them (0: hold for the whole episode)."""
         env_state_names = list(env_state_names)
         self.names = latch_names(names, env_state_names)
         if len(mean) != len(env_state_names) or len(std) != len(env_state_names):
@@ -64,10 +69,27 @@ class EnvStateLatch:
         if self.near_relative and not near > 0:
             raise ValueError("the checkpoint estimates near-field positions (NAME-robot-near) but no near-field "
                              "scale was given (its data.env_state_near)")
+        if not (release >= 0 and np.isfinite(release)):
+            raise ValueError(f"the release distance must be a finite number >= 0, got {release}")
+        self.release = float(release)
+        if release > 0:
+            axes = [axis for _, _, axis in self.relative or self.near_relative]
+            if not axes or len(set(axes)) != len(axes):
+                raise ValueError(f"a release distance needs the held values to be one position with robot-relative "
+                                 f"counterparts (e.g. object_x object_y object_z), not {list(self.names)}")
 
     def hold(self, estimate: np.ndarray) -> np.ndarray:
         """The normalized estimate (env_state_dim,) -> the held values (len(names),) in the data's units."""
         return np.asarray(estimate, np.float64)[self.index] * self.std[self.index] + self.mean[self.index]
+
+    def reached(self, held: np.ndarray | None, state: np.ndarray) -> bool:
+        """Whether the robot (native state) has come within the release distance of the held position."""
+        if held is None or self.release <= 0:
+            return False
+        robot = np.asarray(state, np.float64)[self.position]
+        pairs = self.relative or self.near_relative
+        where = np.array([held[list(self.index).index(world_i)] for _, world_i, _ in pairs])
+        return bool(np.linalg.norm(where - robot[[axis for _, _, axis in pairs]]) <= self.release)
 
     def given(self, held: np.ndarray | None, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What the model is fed instead of its estimate: normalized values (env_state_dim,) and where they apply

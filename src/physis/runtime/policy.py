@@ -63,12 +63,14 @@ class PolicySession:
         self.generator = torch.Generator().manual_seed(seed)
         self.subtask_ids: torch.Tensor | None = None  # the last chunk's subtask (1, Ls): the next one's draft
         self.latched: np.ndarray | None = None  # environment-state values held for this episode (Policy.latch)
+        self.released = False  # the robot reached the held position: the live estimate again (Policy.latch_release)
 
     def reset(self) -> None:
         """A new episode: forget the frame history, the last subtask and the held values."""
         self.frames.clear()
         self.subtask_ids = None
         self.latched = None
+        self.released = False
 
 
 class Policy:
@@ -159,8 +161,20 @@ class Policy:
 
     @latch.setter
     def latch(self, names: Sequence[str]) -> None:
+        self.set_latch(names)
+
+    @property
+    def latch_release(self) -> float:
+        """Held values are let go, for the rest of the episode, once the robot comes within this distance of them
+        (0: held for the whole episode). Set with `set_latch`."""
+        return self._latch.release if self._latch is not None else 0.0
+
+    def set_latch(self, names: Sequence[str], release: float = 0.0) -> None:
+        """Hold `names` (see `latch`), letting them go once the robot is within `release` of them (0: never)."""
         names = tuple(names)
         if not names:
+            if release:
+                raise ValueError("a release distance needs latched values")
             self._latch = None
             return
         if not self.model.config.localizer:
@@ -171,7 +185,7 @@ class Policy:
             raise CheckpointMismatchError("the checkpoint has no environment-state statistics to latch with")
         self._latch = EnvStateLatch(names, self.meta.get("env_state_names") or [], self._env_stats["mean"],
                                     self._env_stats["std"], self.spec,
-                                    near=float(self.meta["data"].get("env_state_near", 0.0)))
+                                    near=float(self.meta["data"].get("env_state_near", 0.0)), release=release)
 
     def reset(self) -> None:
         self.session.reset()
@@ -219,7 +233,9 @@ class Policy:
         text, text_mask = self.text.encode(obs.get("instruction", ""))
         held = {}
         if self._latch is not None:
-            given, given_mask = self._latch.given(session.latched, state)
+            if not session.released and self._latch.reached(session.latched, state):
+                session.released = True
+            given, given_mask = self._latch.given(None if session.released else session.latched, state)
             held = {"env_state_given": torch.from_numpy(given)[None],
                     "env_state_given_mask": torch.from_numpy(given_mask)[None]}
         return {

@@ -88,6 +88,8 @@ class ServeConfig:
     latch: tuple[str, ...] = ()
     """Environment-state values the localizer reads once per episode (from a 'reset') and then holds, e.g. goal_x
     goal_y goal_z (physis.runtime.latch)."""
+    latch_release: float = 0.0
+    """Let the latched values go once the robot is within this many metres of them (0: hold them all episode)."""
 
 
 @dataclass
@@ -339,7 +341,7 @@ def server_from_config(cfg: ServeConfig) -> PolicyServer:
     policy = Policy.from_checkpoint(cfg.checkpoint, embodiment=cfg.embodiment, flow_steps=cfg.flow_steps,
                                     seed=cfg.seed, device=cfg.device, backend=cfg.backend)
     try:
-        policy.latch = cfg.latch
+        policy.set_latch(cfg.latch, cfg.latch_release)
     except ValueError as e:
         torch.set_num_threads(threads)
         raise ServeError(f"--latch: {e}") from None
