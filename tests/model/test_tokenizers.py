@@ -145,6 +145,22 @@ def test_the_localizer_teacher_feeds_the_truth_to_a_fraction_of_training_rows_on
         make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_teacher=1.5)
 
 
+def test_the_teacher_feeds_the_displaced_copy_where_the_batch_has_one_and_the_loss_keeps_the_truth() -> None:
+    torch.manual_seed(0)
+    cfg = make_config(keypoints=4, env_state_dim=3, localizer=True, localizer_teacher=1.0)
+    model = PhysisModel(cfg).train()
+    batch = make_batch(cfg)
+    n = batch["state"].shape[0]
+    truth, moved = torch.randn(n, 3), torch.randn(n, 3)
+    batch.update(env_state=truth, env_state_mask=torch.ones(n, 3, dtype=torch.bool), env_state_teacher=moved)
+    fed: list[torch.Tensor] = []
+    model.prefix.localizer_in.register_forward_hook(lambda m, args, out: fed.append(args[0]))
+    losses = model(batch)
+    assert torch.equal(fed[0], moved)  # every row takes the teacher's value, here the displaced one
+    plain = {k: v for k, v in batch.items() if k != "env_state_teacher"}
+    assert torch.equal(model(plain)["env_state"], losses["env_state"])  # the localizer's target is the truth
+
+
 def test_values_a_policy_gives_replace_the_estimate_where_their_mask_is_set() -> None:
     torch.manual_seed(0)
     model = PhysisModel(make_config(keypoints=4, env_state_dim=3, localizer=True)).eval()

@@ -205,7 +205,7 @@ class PrefixTokenizer(nn.Module):
                 if self.feed_truth:
                     fed = self._teacher(located, batch, 1.0)
                 elif self.training and self.cfg.localizer_teacher:
-                    fed = self._teacher(located, batch, self.cfg.localizer_teacher)
+                    fed = self._teacher(located, batch, self.cfg.localizer_teacher, noisy=True)
                 elif "env_state_given" in batch:  # values the policy holds (a latched goal) stand in for the estimate
                     given = batch["env_state_given_mask"].bool()
                     fed = torch.where(given, batch["env_state_given"].to(located.dtype), located)
@@ -219,14 +219,17 @@ class PrefixTokenizer(nn.Module):
         mask = torch.cat([img_mask, batch["text_mask"].bool(), ones], dim=1)
         return tokens, mask, feats, located
 
-    def _teacher(self, located: torch.Tensor, batch: dict[str, torch.Tensor], fraction: float) -> torch.Tensor:
+    def _teacher(self, located: torch.Tensor, batch: dict[str, torch.Tensor], fraction: float,
+                 noisy: bool = False) -> torch.Tensor:
         """The estimate, with the true environment state in a random `fraction` of the rows (the values the batch
-        marks valid; the others keep the estimate). Batches without the target pass as is."""
+        marks valid; the others keep the estimate). Batches without the target pass as is. noisy: feed the
+        batch's displaced copy of the truth where it has one (physis.train.teacher_noise)."""
         if "env_state" not in batch:
             return located
         rows = torch.rand(located.shape[0], 1, device=located.device) < fraction  # [0, 1): all rows at 1
         use = rows & batch["env_state_mask"].bool()
-        return torch.where(use, batch["env_state"].to(located.dtype), located)
+        truth = batch["env_state_teacher"] if noisy and "env_state_teacher" in batch else batch["env_state"]
+        return torch.where(use, truth.to(located.dtype), located)
 
     def _locate(self, points: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cameras: int) -> torch.Tensor:
         """The localizer's estimate (B, env_state_dim) from the keypoints and the mean instruction token. Not from

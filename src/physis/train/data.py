@@ -23,6 +23,7 @@ from physis.data.stats import Normalizer, merge_stats, stats_from_json, stats_to
 from physis.embodiment import EmbodimentSpec, UnifiedSpace, builtin_names, load_embodiment
 from physis.model.text import trim_text_padding
 from physis.train.augment import random_shift
+from physis.train.teacher_noise import TeacherNoise
 
 EMBODIMENT_META = "embodiment.json"  # written by `physis collect` beside info.json
 
@@ -202,13 +203,17 @@ class TrainingData:
 
     def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0, num_workers: int = 0,
                 image_shift: int = 0, first_frames: int = 8, first_frames_weight: float = 1.0,
-                env_state_first_frames: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                env_state_first_frames: bool = False,
+                teacher_noise: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
         """Model batches for steps start_step .. steps-1, each a pure function of (seed, step).
 
         image_shift > 0 shifts every camera image by up to that many pixels (`augment.random_shift`).
         first_frames_weight draws each episode's first `first_frames` frames that many times as often as later ones.
         env_state_first_frames keeps the environment-state target on those first frames only.
+        teacher_noise > 0 adds "env_state_teacher": the environment state with its positions displaced by that
+        standard deviation (m; `physis.train.teacher_noise`), for the localizer teacher to feed.
         """
+        noise = self.teacher_noise(teacher_noise) if teacher_noise else None
         sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps, first_frames,
                                    first_frames_weight)
         loader = torch.utils.data.DataLoader(self.mixture, batch_sampler=sampler, num_workers=num_workers,
@@ -221,7 +226,21 @@ class TrainingData:
                 gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
                 batch["images"], batch["future_images"] = random_shift(
                     batch["images"], batch["future_images"], image_shift, gen)
+            if noise is not None and "env_state" in batch:
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
+                batch["env_state_teacher"] = noise(batch["env_state"], gen)
             yield batch
+
+    def teacher_noise(self, sigma: float) -> TeacherNoise:
+        """The displacement of the teacher's positions by `sigma` m, on the datasets' one robot's statistics."""
+        if len(self.embodiments) != 1:
+            raise ValueError(f"teacher noise reads one robot's environment-state statistics; these datasets have "
+                             f"{len(self.embodiments)} robots ({[e.name for e in self.embodiments]})")
+        names = self.env_state_names
+        stats = stats_from_json(self.stats[self.embodiments[0].name]["stats"]).get(ENV_STATE)
+        if not names or stats is None or len(stats["mean"]) != len(names):
+            raise ValueError("teacher noise needs datasets with a named environment state and its statistics")
+        return TeacherNoise(names, stats["mean"], stats["std"], sigma, near=self.cfg.env_state_near)
 
     def to_model_batch(self, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = raw["observation.state"]

@@ -82,6 +82,10 @@ class TrainCommand:
     # the action expert learns to follow the token rather than read the goal off the hand's path; needs
     # --localizer. 0: off
     localizer_teacher: float = 0.0
+    # move each position the teacher feeds by a random displacement of this standard deviation per axis (m, e.g.
+    # 0.02), so the action expert cannot take the token for exact and reads the last centimetres from the
+    # images (physis.train.teacher_noise); needs --localizer-teacher. 0: off
+    localizer_teacher_noise: float = 0.0
     # cameras (by name) that give the trunk only their keypoint token and the localizer their keypoints, not a
     # grid of patch tokens: a second view that fixes positions for a few tokens; needs --keypoints
     keypoint_only_cameras: tuple[str, ...] = ()
@@ -131,6 +135,12 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
     if cmd.localizer_teacher and not cmd.localizer:
         raise TrainSetupError("--localizer-teacher replaces the localizer's estimate, which is off: set "
                               "--localizer too")
+    if not (cmd.localizer_teacher_noise >= 0 and math.isfinite(cmd.localizer_teacher_noise)):
+        raise TrainSetupError(f"--localizer-teacher-noise must be a distance >= 0 in m (0: off), got "
+                              f"{cmd.localizer_teacher_noise}")
+    if cmd.localizer_teacher_noise and not cmd.localizer_teacher:
+        raise TrainSetupError("--localizer-teacher-noise moves what the localizer teacher feeds, which is off: set "
+                              "--localizer-teacher too")
     if cmd.env_state_relative and not cmd.env_state_weight:
         raise TrainSetupError("--env-state-relative extends the environment-state target, which is off: set "
                               "--env-state-weight too")
@@ -191,7 +201,7 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "cameras": data.meta()["cameras"],
         "num_cameras": data.num_cameras,
         "datasets": [str(p) for p in cmd.data],
-        "augment": {"image_shift": cmd.image_shift},
+        "augment": {"image_shift": cmd.image_shift, "localizer_teacher_noise": cmd.localizer_teacher_noise},
         "sampling": {"first_frames": cmd.first_frames, "first_frames_weight": cmd.first_frames_weight,
                      "env_state_first_frames": cmd.env_state_first_frames},
         "stats": data.stats,
@@ -228,7 +238,8 @@ def command_batches(cmd: TrainCommand, data: TrainingData, seed: int, steps: int
     return data.batches(cmd.batch_size, seed=seed, steps=steps, start_step=start_step, num_workers=cmd.workers,
                         image_shift=cmd.image_shift, first_frames=cmd.first_frames,
                         first_frames_weight=cmd.first_frames_weight,
-                        env_state_first_frames=cmd.env_state_first_frames)
+                        env_state_first_frames=cmd.env_state_first_frames,
+                        teacher_noise=cmd.localizer_teacher_noise)
 
 
 def train(cmd: TrainCommand) -> dict[str, Any]:
