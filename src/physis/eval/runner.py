@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from physis.embodiment import load_embodiment
+from physis.eval.chunk_trace import ChunkTrace
 from physis.eval.localizer import LocalizerLog
 from physis.eval.policies import as_chunk, make_policy
 from physis.eval.report import TaskResult, write_report
@@ -64,6 +65,7 @@ class EvalConfig:
     latch_release: float = 0.0
     workers: int = 0  # 0: one per core
     videos: int = 1  # record the first N episodes of each task as mp4
+    traces: int = 0  # log the first N episodes of each task chunk by chunk as JSON lines (physis.eval.chunk_trace)
     image_size: int = 96  # 0: render nothing (for policies that read only the state, like the expert)
     cameras: tuple[str, ...] = ()  # empty: the checkpoint's cameras (others: the embodiment's)
     max_steps: int = 0  # 0: the suite's episode limit
@@ -84,7 +86,8 @@ class EpisodeResult:
     localizer: dict[str, Any] | None = None  # the localizer's estimates against the truth (physis.eval.localizer)
 
 
-def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> EpisodeResult:
+def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None,
+                trace_path: Path | None = None) -> EpisodeResult:
     """One closed-loop episode in this process (environment and policy cached per process)."""
     start = time.perf_counter()
     env_config = EnvConfig(image_size=cfg.image_size or 96, cameras=tuple(cfg.cameras) or None,
@@ -95,6 +98,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
     steps = 0
     distance = None
     located: LocalizerLog | None = None
+    trace: ChunkTrace | None = None
     try:
         obs, _ = env.reset(seed=seed)
         policy = _policy(cfg, env)  # after the reset: experts read the episode's simulator state
@@ -105,6 +109,7 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             policy.set_latch(cfg.latch, cfg.latch_release)
         policy.reset()
         located = _localizer_log(policy, env)
+        trace = ChunkTrace(env, getattr(policy, "env_state_names", ())) if trace_path is not None else None
         done = False
         seen = None
         while not done and cfg.execution != "open_loop":  # one action at a time, as a robot runs it
@@ -114,6 +119,8 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             if policy.last_output is not seen:  # a new chunk was planned from this observation
                 seen = policy.last_output
                 _locate(located, seen, env, obs)
+                if trace is not None:
+                    trace.add(steps, obs, seen, as_chunk(seen, env.embodiment.action_dim))
             obs, _, terminated, truncated, info = env.step(action)
             distance = info.get("goal_distance", distance)
             steps += 1
@@ -123,6 +130,8 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
             output = policy.infer(obs)
             chunk = as_chunk(output, env.embodiment.action_dim)
             _locate(located, output, env, obs)
+            if trace is not None:
+                trace.add(steps, obs, output, chunk)
             label = output.get("subtask") if isinstance(output, dict) else None
             n = min(len(chunk), cfg.replan_every) if cfg.replan_every > 0 else len(chunk)
             for action in chunk[:n]:
@@ -144,6 +153,9 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None) -> Ep
     if video is not None and frames:
         _write_video(video, frames, env.embodiment.fps)
     success = env.success and error is None
+    if trace_path is not None and trace is not None:
+        trace.write(trace_path, {"task": task, "seed": seed, "success": bool(success), "length": steps,
+                                 "error": error})
     return EpisodeResult(task, seed, bool(success), steps, time.perf_counter() - start, error,
                          str(video) if video is not None and frames else None, subtasks,
                          None if distance is None else round(float(distance), 4),
@@ -257,6 +269,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         latch_names(cfg.latch, meta.get("env_state_names") or [])
     if not (cfg.latch_release >= 0 and math.isfinite(cfg.latch_release)):
         raise ValueError(f"--latch-release must be a finite number of metres >= 0, got {cfg.latch_release}")
+    if cfg.traces < 0:
+        raise ValueError(f"--traces must be >= 0 (episodes per task to log chunk by chunk), got {cfg.traces}")
     if cfg.latch_release and not cfg.latch:
         raise ValueError("--latch-release lets latched values go: name them with --latch")
     if cfg.checkpoint is not None and not cfg.cameras:
@@ -265,7 +279,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     seeds = eval_seeds(cfg.episodes, cfg.seed)
     videos = cfg.videos if cfg.image_size > 0 else 0
-    jobs = [(t, s, (out / "videos" / f"{t.replace('/', '_')}_seed{s}.mp4") if i < videos else None)
+    jobs = [(t, s, (out / "videos" / f"{t.replace('/', '_')}_seed{s}.mp4") if i < videos else None,
+             (out / "traces" / f"{t.replace('/', '_')}_seed{s}.jsonl") if i < cfg.traces else None)
             for t in tasks for i, s in enumerate(seeds)]
     workers = max(1, min(cfg.workers or os.cpu_count() or 1, len(jobs)))
     results: list[EpisodeResult] = []
@@ -280,14 +295,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             progress.update(bar, advance=1, success=f"{sum(x.success for x in results)}/{len(results)}")
 
         if workers == 1:
-            for t, s, v in jobs:
-                record(run_episode(cfg, t, s, v))
+            for t, s, v, tr in jobs:
+                record(run_episode(cfg, t, s, v, tr))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_limit_threads,
                                      initargs=(threads,)) as pool:
-                pending: dict[Future, tuple[str, int]] = {pool.submit(run_episode, cfg, t, s, v): (t, s)
-                                                          for t, s, v in jobs}
+                pending: dict[Future, tuple[str, int]] = {pool.submit(run_episode, cfg, t, s, v, tr): (t, s)
+                                                          for t, s, v, tr in jobs}
                 while pending:
                     finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for f in finished:
@@ -312,6 +327,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "noise_scale": cfg.noise_scale,
         "latch": list(cfg.latch),
         "latch_release": cfg.latch_release,
+        "traces": cfg.traces,
         "image_size": cfg.image_size,
         "cameras": rendered_cameras(cfg),
         "max_steps": cfg.max_steps or None,
