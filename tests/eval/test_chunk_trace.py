@@ -34,3 +34,17 @@ def test_a_negative_trace_count_is_refused(tiny_checkpoint, tmp_path) -> None:
     with pytest.raises(ValueError, match="--traces must be >= 0"):
         evaluate(EvalConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=1, out=tmp_path,
                             checkpoint=tiny_checkpoint, traces=-1, progress=False))
+
+
+def test_an_episode_plays_the_same_whichever_episodes_its_worker_ran_before(tiny_checkpoint, tmp_path) -> None:
+    def actions_of_seed_1_000_001(first: int, episodes: int, out) -> list:
+        cfg = EvalConfig(suite="metaworld/mt10", tasks=("reach-v3",), episodes=episodes, seed=first, out=out,
+                         checkpoint=tiny_checkpoint, workers=1, image_size=32, max_steps=10, videos=0,
+                         traces=episodes, replan_every=4, progress=False)
+        evaluate(cfg)
+        rows = (out / "traces" / "reach-v3_seed1000001.jsonl").read_text().splitlines()
+        return [json.loads(line)["action"] for line in rows[:-1]]
+
+    after_another = actions_of_seed_1_000_001(0, 2, tmp_path / "a")  # seed 1,000,000 ran first in this process
+    alone = actions_of_seed_1_000_001(1, 1, tmp_path / "b")
+    assert after_another == alone

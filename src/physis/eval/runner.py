@@ -107,7 +107,9 @@ def run_episode(cfg: EvalConfig, task: str, seed: int, video: Path | None,
         if cfg.checkpoint is not None and not cfg.server:
             policy.noise_scale = cfg.noise_scale
             policy.set_latch(cfg.latch, cfg.latch_release)
-        policy.reset()
+            policy.reset(seed=seed)  # the episode's flow noise from its seed, whichever worker runs it after what
+        else:
+            policy.reset()
         located = _localizer_log(policy, env)
         trace = ChunkTrace(env, getattr(policy, "env_state_names", ())) if trace_path is not None else None
         done = False

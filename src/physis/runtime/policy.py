@@ -65,8 +65,11 @@ class PolicySession:
         self.latched: np.ndarray | None = None  # environment-state values held for this episode (Policy.latch)
         self.released = False  # the robot reached the held position: the live estimate again (Policy.latch_release)
 
-    def reset(self) -> None:
-        """A new episode: forget the frame history, the last subtask and the held values."""
+    def reset(self, seed: int | None = None) -> None:
+        """A new episode: forget the frame history, the last subtask and the held values; with a seed, restart
+        the noise generator from it, so the episode's flow noise does not depend on the episodes before it."""
+        if seed is not None:
+            self.generator.manual_seed(seed)
         self.frames.clear()
         self.subtask_ids = None
         self.latched = None
@@ -187,8 +190,9 @@ class Policy:
                                     self._env_stats["std"], self.spec,
                                     near=float(self.meta["data"].get("env_state_near", 0.0)), release=release)
 
-    def reset(self) -> None:
-        self.session.reset()
+    def reset(self, seed: int | None = None) -> None:
+        """A new episode (see PolicySession.reset); `seed` makes its flow noise a function of the seed alone."""
+        self.session.reset(seed)
         self.last_output = None
         if self._executor is not None:
             self._executor.reset()
