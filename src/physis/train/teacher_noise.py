@@ -42,7 +42,7 @@ class TeacherNoise:
         self.world = [i for i, n in enumerate(names) if not n.endswith((RELATIVE_SUFFIX, NEAR_SUFFIX))]
         world_names = [names[i] for i in self.world]
         # (column, index among the world values) of each counterpart
-        self.linear = [(i, j) for j, n in enumerate(world_names) for i in [self.world[j]]]
+        self.linear = [(col, j) for j, col in enumerate(self.world)]
         self.linear += [(names.index(n + RELATIVE_SUFFIX), j) for j, n in enumerate(world_names)
                         if n + RELATIVE_SUFFIX in names]
         self.tanh = [(names.index(n + NEAR_SUFFIX), j) for j, n in enumerate(world_names) if n + NEAR_SUFFIX in names]
