@@ -144,3 +144,25 @@ def test_datasets_of_one_robot_share_pooled_normalization(demos, tmp_path):
     raw = np.asarray(mixed.mixture.datasets[0][0]["observation.state"]).reshape(-1)[:3]
     mean, std = np.asarray(pooled["mean"])[:3], np.asarray(pooled["std"])[:3]
     np.testing.assert_allclose(state, (raw - mean) / std, atol=1e-4)
+
+
+def test_the_object_target_can_be_kept_to_the_frames_where_it_rests(data):
+    names = data.env_state_names
+    env = np.asarray(data.mixture.datasets[0].columns["observation.environment_state"])
+    episode = np.asarray(data.mixture.datasets[0].columns["episode_index"])
+    first = {e: np.flatnonzero(episode == e)[0] for e in set(episode.tolist())}
+    moved = np.linalg.norm(env[:, :3] - env[[first[e] for e in episode.tolist()], :3], axis=1) > 0.01
+    assert np.array_equal(data.object_at_rest(0.01), ~moved)
+    assert moved.any() and (~moved).any()  # drawer-close moves its object, reach leaves the puck where it is
+
+    plain = next(data.batches(batch_size=32, seed=5, steps=1))
+    rest = next(data.batches(batch_size=32, seed=5, steps=1, env_state_at_rest=0.01))
+    torch.testing.assert_close(plain["env_state"], rest["env_state"])  # the same draws, only the mask differs
+    drawn = np.asarray(next(iter(StepBatchSampler(data.mixture, 32, seed=5, start_step=0, steps=1))))
+    is_object = torch.tensor([n.startswith("object_") for n in names])
+    expected = plain["env_state_mask"] & ~(torch.from_numpy(moved[drawn])[:, None] & is_object)
+    assert torch.equal(rest["env_state_mask"], expected)
+    assert moved[drawn].any() and not rest["env_state_mask"].all()
+    assert rest["env_state_mask"][:, ~is_object].all()  # the goal keeps its target everywhere
+    with pytest.raises(ValueError, match="positive distance"):
+        data.object_at_rest(0.0)

@@ -70,7 +70,8 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     assert config["model"]["localizer"] is localizer
     assert config["model"]["localizer_state"] is localizer_state
     assert config["model"]["localizer_teacher"] == teacher
-    assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False}
+    assert config["sampling"] == {"first_frames": 8, "first_frames_weight": 3.0, "env_state_first_frames": False,
+                                  "env_state_at_rest": 0.0}
     world = ["object_x", "object_y", "object_z", "goal_x", "goal_y", "goal_z"]
     assert config["env_state_names"] == world + ([f"{n}-robot" for n in world] if relative else []) + \
         ([f"{n}-robot-near" for n in world] if near else [])
@@ -156,6 +157,10 @@ def test_the_environment_state_head_needs_data_that_records_it(tmp_path):
         build(dataclasses.replace(cmd, first_frames=0))
     with pytest.raises(TrainSetupError, match="set --env-state-weight too"):
         build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_first_frames=True))
+    with pytest.raises(TrainSetupError, match="--env-state-at-rest must be a distance"):
+        build(dataclasses.replace(cmd, env_state_at_rest=-0.01))
+    with pytest.raises(TrainSetupError, match="--env-state-at-rest restricts"):
+        build(dataclasses.replace(cmd, env_state_weight=0.0, env_state_at_rest=0.01))
 
 
 def test_a_world_model_fraction_trains_and_is_saved_and_bad_ones_are_refused(tiny_run, tmp_path, capsys):

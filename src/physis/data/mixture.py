@@ -151,6 +151,7 @@ class DatasetMixture(torch.utils.data.Dataset):
             out[ENV_STATE] = env
             out["env_state_mask"] = torch.arange(self.env_state_dim) < width
         out["frame_index"] = sample["frame_index"]
+        out["sample_index"] = torch.tensor(int(i))  # the row in the mixture, for per-row lookups by the trainer
         out["episode_length"] = torch.tensor(ds.episode_of(j).length)
         return out
 

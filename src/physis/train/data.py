@@ -25,6 +25,8 @@ from physis.model.text import trim_text_padding
 from physis.train.augment import random_shift
 from physis.train.teacher_noise import TeacherNoise
 
+OBJECT_PREFIX = "object_"  # the environment-state values of the object a task moves (object_x, object_x-robot, ...)
+
 EMBODIMENT_META = "embodiment.json"  # written by `physis collect` beside info.json
 
 
@@ -203,17 +205,24 @@ class TrainingData:
 
     def batches(self, batch_size: int, seed: int, steps: int, start_step: int = 0, num_workers: int = 0,
                 image_shift: int = 0, first_frames: int = 8, first_frames_weight: float = 1.0,
-                env_state_first_frames: bool = False,
+                env_state_first_frames: bool = False, env_state_at_rest: float = 0.0,
                 teacher_noise: float = 0.0) -> Iterator[dict[str, torch.Tensor]]:
         """Model batches for steps start_step .. steps-1, each a pure function of (seed, step).
 
         image_shift > 0 shifts every camera image by up to that many pixels (`augment.random_shift`).
         first_frames_weight draws each episode's first `first_frames` frames that many times as often as later ones.
         env_state_first_frames keeps the environment-state target on those first frames only.
+        env_state_at_rest > 0 keeps the object's environment-state targets (`object_*`) on the frames where the
+        object lies within that many metres of where its episode began (`object_at_rest`).
         teacher_noise > 0 adds "env_state_teacher": the environment state with its positions displaced by that
         standard deviation (m; `physis.train.teacher_noise`), for the localizer teacher to feed.
         """
         noise = self.teacher_noise(teacher_noise) if teacher_noise else None
+        if env_state_at_rest:
+            at_rest = torch.from_numpy(self.object_at_rest(env_state_at_rest))
+            object_values = torch.zeros(self.env_state_dim, dtype=torch.bool)
+            object_values[: len(self.env_state_names)] = torch.tensor(
+                [n.startswith(OBJECT_PREFIX) for n in self.env_state_names])
         sampler = StepBatchSampler(self.mixture, batch_size, seed, start_step, steps, first_frames,
                                    first_frames_weight)
         loader = torch.utils.data.DataLoader(self.mixture, batch_sampler=sampler, num_workers=num_workers,
@@ -222,6 +231,9 @@ class TrainingData:
             batch = self.to_model_batch(raw)
             if env_state_first_frames and "env_state_mask" in batch:
                 batch["env_state_mask"] = batch["env_state_mask"] & (raw["frame_index"] < first_frames)[:, None]
+            if env_state_at_rest and "env_state_mask" in batch:
+                moved = ~at_rest[raw["sample_index"]]
+                batch["env_state_mask"] = batch["env_state_mask"] & ~(moved[:, None] & object_values)
             if image_shift:
                 gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step]).generate_state(1)[0]))
                 batch["images"], batch["future_images"] = random_shift(
@@ -230,6 +242,32 @@ class TrainingData:
                 gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0]))
                 batch["env_state_teacher"] = noise(batch["env_state"], gen)
             yield batch
+
+    def object_at_rest(self, radius: float) -> np.ndarray:
+        """Per mixture row: whether the object (environment-state values object_x, object_y, object_z) lies within
+        `radius` m of its position at its episode's first frame. Once pushed or carried the object sits at the
+        hand, so there the hand's position answers for it; a localizer trained on those frames learns that, and
+        its estimate of an object still at rest is pulled toward the hand. Rows of datasets without those
+        values are True (their target is masked anyway)."""
+        if not (radius > 0 and np.isfinite(radius)):
+            raise ValueError(f"the at-rest radius must be a positive distance in m, got {radius}")
+        parts = []
+        for ds in self.mixture.datasets:
+            names = list((ds.features.get(ENV_STATE) or {}).get("names") or [])
+            axes = [f"{OBJECT_PREFIX}{a}" for a in "xyz"]
+            if not all(a in names for a in axes):
+                parts.append(np.ones(len(ds), dtype=bool))
+                continue
+            pos = np.asarray(ds.columns[ENV_STATE], dtype=np.float64)[:, [names.index(a) for a in axes]]
+            episode = np.asarray(ds.columns["episode_index"])
+            starts = np.flatnonzero(np.asarray(ds.columns["frame_index"]) == 0)
+            first = dict(zip(episode[starts].tolist(), starts.tolist(), strict=True))
+            if set(first) != set(episode.tolist()):
+                raise DatasetFormatError(f"{ds.root}: an episode without its first frame; cannot tell where its "
+                                         f"object started")
+            origin = pos[[first[e] for e in episode.tolist()]]
+            parts.append(np.linalg.norm(pos - origin, axis=-1) <= radius)
+        return np.concatenate(parts)
 
     def teacher_noise(self, sigma: float) -> TeacherNoise:
         """The displacement of the teacher's positions by `sigma` m, on the datasets' one robot's statistics."""

@@ -12,7 +12,7 @@ import torch
 from physis.model.config import ModelConfig
 from physis.model.physis_model import PhysisModel
 from physis.train.checkpoint import load_checkpoint
-from physis.train.data import DataConfig, TrainingData, embodiment_for
+from physis.train.data import OBJECT_PREFIX, DataConfig, TrainingData, embodiment_for
 from physis.train.distributed import init_distributed
 from physis.train.loop import TrainConfig, Trainer
 
@@ -65,6 +65,10 @@ class TrainCommand:
     # regress the environment state on those first frames only: later the head, too, could read the goal off
     # the hand's progress instead of finding it in the pixels
     env_state_first_frames: bool = False
+    # regress the object's environment-state values (object_*) only where the object lies within this distance (m)
+    # of where its episode began: once pushed or carried it sits at the hand, the hand's position answers for
+    # it, and a localizer trained there pulls its estimate of a resting object toward the hand. 0: off
+    env_state_at_rest: float = 0.0
     # estimate the environment state from the image keypoints and the instruction before the trunk and feed the
     # estimate in as a token; needs --keypoints and --env-state-weight
     localizer: bool = False
@@ -115,6 +119,11 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         raise TrainSetupError(f"--env-state-weight must be >= 0 (0: off), got {cmd.env_state_weight}")
     if cmd.env_state_first_frames and not cmd.env_state_weight:
         raise TrainSetupError("--env-state-first-frames restricts the environment-state target, which is off: "
+                              "set --env-state-weight too")
+    if not (cmd.env_state_at_rest >= 0 and math.isfinite(cmd.env_state_at_rest)):
+        raise TrainSetupError(f"--env-state-at-rest must be a distance >= 0 in m (0: off), got {cmd.env_state_at_rest}")
+    if cmd.env_state_at_rest and not cmd.env_state_weight:
+        raise TrainSetupError("--env-state-at-rest restricts the environment-state target, which is off: "
                               "set --env-state-weight too")
     if not 0 < cmd.world_model_fraction <= 1:
         raise TrainSetupError(f"--world-model-fraction must be in (0, 1], got {cmd.world_model_fraction}")
@@ -176,6 +185,9 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
             raise TrainSetupError("--env-state-weight needs datasets that record observation.environment_state "
                                   "(`physis collect` writes it for the Meta-World and pointmaze suites); "
                                   f"none of {[str(p) for p in cmd.data]} does")
+        if cmd.env_state_at_rest and not any(n.startswith(OBJECT_PREFIX) for n in data.env_state_names):
+            raise TrainSetupError(f"--env-state-at-rest masks the object's environment-state values, but these "
+                                  f"datasets record none ({data.env_state_names})")
         env_state = {"env_state_dim": data.env_state_dim, "env_state_weight": cmd.env_state_weight,
                      **({"localizer": True} if cmd.localizer else {}),
                      **({"localizer_state": True} if cmd.localizer_state else {}),
@@ -203,7 +215,8 @@ def build(cmd: TrainCommand) -> tuple[PhysisModel, TrainingData, dict[str, Any]]
         "datasets": [str(p) for p in cmd.data],
         "augment": {"image_shift": cmd.image_shift, "localizer_teacher_noise": cmd.localizer_teacher_noise},
         "sampling": {"first_frames": cmd.first_frames, "first_frames_weight": cmd.first_frames_weight,
-                     "env_state_first_frames": cmd.env_state_first_frames},
+                     "env_state_first_frames": cmd.env_state_first_frames,
+                     "env_state_at_rest": cmd.env_state_at_rest},
         "stats": data.stats,
         "env_state_names": data.env_state_names,  # what the localizer estimates, for a policy that latches some
     }
@@ -239,7 +252,7 @@ def command_batches(cmd: TrainCommand, data: TrainingData, seed: int, steps: int
                         image_shift=cmd.image_shift, first_frames=cmd.first_frames,
                         first_frames_weight=cmd.first_frames_weight,
                         env_state_first_frames=cmd.env_state_first_frames,
-                        teacher_noise=cmd.localizer_teacher_noise)
+                        env_state_at_rest=cmd.env_state_at_rest, teacher_noise=cmd.localizer_teacher_noise)
 
 
 def train(cmd: TrainCommand) -> dict[str, Any]:
