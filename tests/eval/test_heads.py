@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from physis.eval.heads import _check_cameras, env_state_by_task
+from physis.eval.heads import _check_cameras, env_state_by_task, hand_pull
 
 
 def test_held_out_data_with_other_cameras_is_refused() -> None:
@@ -56,3 +56,16 @@ def test_a_near_object_radius_must_be_a_distance_and_needs_relative_targets() ->
             _check_near_object(bad, relative)
     with pytest.raises(ValueError, match="trained without --env-state-relative"):
         _check_near_object(0.05, ["object_x"])
+
+
+def test_the_pull_toward_the_hand_is_the_share_of_the_hand_offset_in_the_error() -> None:
+    rng = np.random.default_rng(0)
+    names = ["object_x", "object_y", "object_x-robot", "object_y-robot"]
+    mean, std = np.array([0.0, 0.6, 0.05, -0.02]), np.array([0.1, 0.05, 0.08, 0.08])
+    obj = np.stack([rng.uniform(-0.1, 0.1, 200), rng.uniform(0.55, 0.65, 200)], 1)
+    hand = obj + rng.normal(0, 0.1, (200, 2))
+    estimate = obj + np.array([0.25, 0.0]) * (hand - obj)  # x leans a quarter of the way to the hand, y not
+    target = (np.concatenate([obj, obj - hand], 1) - mean) / std
+    signed = np.concatenate([(estimate - obj) / std[:2], np.zeros((200, 2))], 1)
+    assert hand_pull(signed, target, names, mean, std) == pytest.approx({"object_x": 0.25, "object_y": 0.0})
+    assert hand_pull(signed[:, :2], target[:, :2], names[:2], mean[:2], std[:2]) is None  # no object-minus-hand

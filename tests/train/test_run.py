@@ -94,6 +94,8 @@ def test_the_environment_state_head_trains_from_collected_data_and_the_policy_ig
     by_task = r["env_state_first_frames_by_task"]  # the demos were collected: collection.json names each task
     assert sorted(by_task) == sorted(TASKS) and all(t["episodes"] == 1 for t in by_task.values())
     assert list(by_task["reach-v3"]["mae"]) == names
+    pull = r["env_state_first_frames_hand_pull"]  # needs the object-minus-hand values
+    assert (sorted(pull) == ["object_x", "object_y", "object_z"]) if relative else pull is None
     if localizer:  # the first chunk with the localizer's estimate and with the true state in its token
         assert set(r["first_frames_action_mse"]) == {"estimate", "true_env_state"}
         assert all(np.isfinite(v) and v >= 0 for v in r["first_frames_action_mse"].values())

@@ -113,7 +113,7 @@ def evaluate_heads(cfg: HeadsConfig) -> dict[str, Any]:
                 acc["prog_true"] += batch["progress"][known].tolist()
             if model_cfg.env_state_dim and "env_state" in batch:
                 err, base = _env_state_residuals(model, batch, cache)
-                acc["env_err"].append(err)
+                acc["env_err"].append(np.abs(err))
                 acc["env_base"].append(base)
             if model_cfg.world_model:
                 _world_model(model, batch, cache, gen, acc, strip, cfg.strip)
@@ -153,20 +153,54 @@ def _env_state_errors(err: np.ndarray, base: np.ndarray, data: Any) -> dict[str,
                                             zip(names, base[:, :n].mean(0) * std[:n], strict=True)}}
 
 
-def _env_state_scale(data: Any) -> tuple[list[str], np.ndarray]:
-    """The environment state's coordinate names and the std that turns normalized units back into the data's."""
+def _env_state_stat(data: Any, which: str) -> np.ndarray:
+    """The environment state's normalization statistic `which` ("mean", "std"), of the first robot's."""
     from physis.data.mixture import ENV_STATE
     from physis.data.stats import stats_from_json
 
     own = next(iter(data.stats.values()))["stats"]
-    return data.env_state_names, np.maximum(np.asarray(stats_from_json(own)[ENV_STATE]["std"], dtype=np.float64), 1e-8)
+    return np.asarray(stats_from_json(own)[ENV_STATE][which], dtype=np.float64)
+
+
+def _env_state_scale(data: Any) -> tuple[list[str], np.ndarray]:
+    """The environment state's coordinate names and the std that turns normalized units back into the data's."""
+    return data.env_state_names, np.maximum(_env_state_stat(data, "std"), 1e-8)
+
+
+def _env_state_mean(data: Any) -> np.ndarray:
+    """The environment state's normalization mean: with the std, normalized values back into the data's units."""
+    return _env_state_stat(data, "mean")
 
 
 def _env_state_residuals(model: Any, batch: dict[str, torch.Tensor], cache: Any) -> tuple[np.ndarray, np.ndarray]:
-    """|head - target| and |mean - target| (the target is normalized, so the mean is 0), masked, in normalized units."""
+    """head - target (signed) and |mean - target| (the target is normalized, so the mean is 0), masked, in
+    normalized units."""
     valid = batch["env_state_mask"].float()
-    return (((model.predict_env_state(cache) - batch["env_state"]).abs() * valid).numpy(),
+    return (((model.predict_env_state(cache) - batch["env_state"]) * valid).numpy(),
             (batch["env_state"].abs() * valid).numpy())
+
+
+def hand_pull(signed: np.ndarray, target: np.ndarray, names: list[str], mean: np.ndarray,
+              std: np.ndarray) -> dict[str, float] | None:
+    """How far the object estimate leans toward the hand: per world-frame axis of the object, the least-squares k
+    in (estimate - object) = k * (hand - object), over rows of signed errors and targets (N, E) in normalized
+    units. 0: the estimate ignores where the hand is; 1: it answers the hand's position. None without the
+    object-minus-hand values (`--env-state-relative`) or with the hand on the object in every row."""
+    from physis.data.relative import RELATIVE_SUFFIX
+
+    out: dict[str, float] = {}
+    for axis in "xyz":
+        name = f"object_{axis}"
+        relative = name + RELATIVE_SUFFIX
+        if name not in names or relative not in names:
+            continue
+        i, j = names.index(name), names.index(relative)
+        error = signed[:, i] * std[i]
+        hand_minus_object = -(target[:, j] * std[j] + mean[j])
+        spread = float(np.square(hand_minus_object).sum())
+        if spread > 0:
+            out[name] = float((error * hand_minus_object).sum() / spread)
+    return out or None
 
 
 def _first_frames_env_state(model: Any, data: Any, cfg: HeadsConfig) -> dict[str, Any]:
@@ -210,19 +244,25 @@ def _env_state_on_rows(model: Any, data: Any, cfg: HeadsConfig, rows: list[int],
             err.append(e)
             base.append(b)
             target.append((batch["env_state"] * batch["env_state_mask"].float()).numpy())
-    errors = np.concatenate(err)
+    signed, targets = np.concatenate(err), np.concatenate(target)
+    errors = np.abs(signed)
     found = _env_state_errors(errors, np.concatenate(base), data)
+    names, std = _env_state_scale(data)
+    mean = _env_state_mean(data)
     results = {f"{key}_samples": len(rows), f"{key}_mae": found["env_state_mae"],
-               f"{key}_mean_baseline_mae": found["env_state_mean_baseline_mae"]}
+               f"{key}_mean_baseline_mae": found["env_state_mean_baseline_mae"],
+               f"{key}_hand_pull": hand_pull(signed, targets, names, mean, std)}
     followed = _actions_with_true_state(model, data, batches, cfg.seed) if model.config.localizer else None
     if followed is not None:
         results[f"{label}_action_mse"] = {k: float(v.mean()) for k, v in followed.items()}
     tasks = _episode_tasks(ds.root)
     if tasks is not None:
         episode = np.asarray(ds.columns["episode_index"])[rows]
-        names, std = _env_state_scale(data)
         task_of_row = np.array([tasks.get(int(e), "?") for e in episode])
-        by_task = env_state_by_task(errors, np.concatenate(target), task_of_row, episode, names, std)
+        by_task = env_state_by_task(errors, targets, task_of_row, episode, names, std)
+        for task, entry in by_task.items():
+            mine = task_of_row == task
+            entry["hand_pull"] = hand_pull(signed[mine], targets[mine], names, mean, std)
         for task, entry in by_task.items() if followed is not None else ():
             entry["action_mse"] = {k: float(v[task_of_row == task].mean()) for k, v in followed.items()}
         results[f"{key}_by_task"] = by_task
