@@ -180,8 +180,9 @@ def test_the_server_latches_per_connection_and_says_so(localizer_run, tiny_check
     from physis.runtime.server import ServeConfig, ServeError, server_from_config
 
     threads = torch.get_num_threads()
-    server = server_from_config(ServeConfig(checkpoint=localizer_run, port=0, latch=GOAL))
+    server = server_from_config(ServeConfig(checkpoint=localizer_run, port=0, latch=GOAL, latch_release=0.05))
     torch.set_num_threads(threads)  # the server leaves the calling thread one; the tests after this want theirs
     assert server.policy.latch == GOAL and server.metadata["checkpoint"]["latch"] == list(GOAL)
+    assert server.metadata["checkpoint"]["latch_release"] == 0.05
     with pytest.raises(ServeError, match="--latch: .*no localizer"):
         server_from_config(ServeConfig(checkpoint=tiny_checkpoint, port=0, latch=GOAL))

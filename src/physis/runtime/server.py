@@ -125,7 +125,8 @@ class PolicyServer:
                            "preset": policy.meta.get("model", {}).get("preset_name"),
                            "flow_steps": policy.flow_steps or policy.model.config.flow_steps,
                            "subtask": bool(policy.model.config.subtask and len(policy.vocab.words)),
-                           "latch": list(policy.latch), "env_state_names": list(policy.env_state_names)},
+                           "latch": list(policy.latch), "latch_release": policy.latch_release,
+                           "env_state_names": list(policy.env_state_names)},
         }
         self._metadata_frame = wire.encode(self.metadata)
         self._counter = itertools.count()
