@@ -154,7 +154,7 @@ class PrefixCache:
             keys=[fn(k) for k in self.keys],
             values=[fn(v) for v in self.values],
             mask=fn(self.mask),
-            pooled=fn(self.pooled),
+            pooled=opt(self.pooled),
             action_mask=fn(self.action_mask),
             subtask_ids=opt(self.subtask_ids),
             env_state=opt(self.env_state),

@@ -15,6 +15,9 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
              frozen in and its matmuls on inductor's C++ GEMM template (FROZEN_AMX); elsewhere the flow loop is
              float32 (its ~20 matmuls a step are too small for bf16 library calls to pay for their conversions).
              Each graph compiles on first use (10-70 s per input shape on 2 cores, 40-130 s with FROZEN_AMX)
+  fused      compile-bf16's prefix graphs, and the flow loop as one hand-written AMX kernel
+             (`physis.runtime.fused`: a chunk's K steps in one call, weights packed once); CPUs with AMX only.
+             Batches of more than one observation take compile-bf16's flow graph
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
@@ -44,7 +47,7 @@ from physis.model.vocab import BOS, EOS, PAD
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "bf16", "int8", "compile", "compile-bf16", "onnx", "onnx-int8", "cuda-graph")
+BACKENDS = ("eager", "bf16", "int8", "compile", "compile-bf16", "fused", "onnx", "onnx-int8", "cuda-graph")
 # inductor settings of compile-bf16: at batch 1 a flow step is ~90 small operations, and the C++ wrapper is what
 # makes compiling pay there (docs/benchmarks/runtime.md). `freezing` as a compile option runs inductor's freezing
 # passes but leaves the weights graph inputs: dynamo reads the global setting when it traces. Weights folded in
@@ -174,11 +177,12 @@ class CompiledEngine(_LoopEngine):
 
     def __init__(self, model: PhysisModel, dtype: torch.dtype = torch.float32,
                  options: dict[str, Any] | None = None, unrolled: bool = False,
-                 flow_dtype: torch.dtype | None = None, freeze: bool = False) -> None:
+                 flow_dtype: torch.dtype | None = None, freeze: bool = False, fused: bool = False) -> None:
         """`dtype` bf16 compiles a bf16 copy of the weights; `options` are inductor settings (FROZEN_CPP,
         FROZEN_AMX); `freeze` folds the weights into the graphs (a snapshot: later changes to `model` do not reach
         them); `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
-        `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`)."""
+        `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`);
+        `fused` runs batch-1 flow loops on the AMX kernel (`physis.runtime.fused.FusedFlow`)."""
         from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet, reads_localizer
 
         super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
@@ -193,6 +197,11 @@ class CompiledEngine(_LoopEngine):
         else:  # the float32 model itself, or a copy in another dtype
             self._flow_net = self.model if self._flow_dtype == torch.float32 else \
                 copy.deepcopy(model).to(self._flow_dtype).eval()
+        self._fused = None
+        if fused:
+            from physis.runtime.fused import FusedFlow
+
+            self._fused = FusedFlow(model)
         self._reasoner = None
         if unrolled and self.config.subtask:
             self._reasoner = self._compile(PrefixDraftEncoder(self.net, self._env_state))
@@ -217,6 +226,9 @@ class CompiledEngine(_LoopEngine):
         x = noise.float() if noise is not None else torch.randn(shape, generator=generator, device=device)
         if prefix_actions is None or prefix_weights is None:  # all-zero weights: every step free
             prefix_actions, prefix_weights = torch.zeros(shape, device=device), torch.zeros(shape[:2], device=device)
+        if self._fused is not None and cache.batch_size == 1:
+            inpainting_target(prefix_actions, prefix_weights, shape)  # checks shapes and weights
+            return self._fused(cache, x, steps, prefix_actions, prefix_weights)
         if steps not in self._samplers:
             self._samplers[steps] = self._compile(FlowSampler(self._flow_net, steps))
         # the context (prefix + subtask) varies with the instruction and the subtask; padded with masked keys to a
@@ -438,6 +450,13 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
             engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True)
         else:
             engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.float32)
+    elif backend == "fused":
+        from physis.runtime.fused import supports
+
+        why = supports(model) if next(model.parameters()).device.type == "cpu" else "the model is not on the CPU"
+        if why is not None:
+            raise RuntimeError(f"the fused backend cannot run this model here: {why}")
+        engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True, fused=True)
     elif backend == "cuda-graph":
         from physis.runtime.graphs import GraphEngine
 

@@ -40,7 +40,7 @@ from physis.runtime.export import example_batch
 
 VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
 EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
-CPU_ONLY = ("int8", "onnx", "onnx-int8")  # quantized kernels and ONNX Runtime's CPU provider
+CPU_ONLY = ("int8", "fused", "onnx", "onnx-int8")  # quantized kernels, the AMX kernel, ONNX Runtime's CPU provider
 GPU_ONLY = ("cuda-graph",)  # on a CPU this engine runs eagerly: nothing to time
 BLOCK = 5  # chunks timed back to back per configuration and round
 
@@ -58,7 +58,8 @@ class LatencyBenchConfig:
     cache: tuple[bool, ...] = (True, False)
     """With and without the prefix cache."""
     backends: tuple[str, ...] = tuple(b for b in BACKENDS if b not in GPU_ONLY)
-    """Inference backends (eager, bf16, int8, compile, compile-bf16, onnx, onnx-int8; on a GPU also cuda-graph)."""
+    """Inference backends (eager, bf16, int8, compile, compile-bf16, fused, onnx, onnx-int8; on a GPU also
+    cuda-graph)."""
     expert_depth: int = 0
     """Action-expert layers of the presets (0: one per trunk layer, the presets' own)."""
     cameras: int = 2
