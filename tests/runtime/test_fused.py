@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
+import torch.utils.cpp_extension
 
 from physis.model import ModelConfig, PhysisModel
+from physis.runtime import fused
 from physis.runtime.backends import CompiledEngine, make_engine
 from physis.runtime.export import example_batch
-from physis.runtime.fused import FusedFlow, amx_cpu, pack_b, supports
+from physis.runtime.fused import STALE_LOCK_S, FusedFlow, amx_cpu, pack_b, supports
 
 A = 7
 needs_amx = pytest.mark.skipif(not amx_cpu(), reason="the kernel runs on CPUs with AMX tiles only")
@@ -37,6 +42,22 @@ def test_pack_b_lays_a_weight_out_in_tiles_of_pairs() -> None:
     ref = torch.nn.functional.pad(w, (0, 24, 0, 12)).to(torch.bfloat16).float()
     for n, k in [(0, 0), (3, 5), (17, 33), (19, 39), (31, 63)]:
         assert packed[n // 16, k // 32, (k % 32) // 2, n % 16, k % 2] == ref[n, k]
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("PHYSIS_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: kw)  # what the loader would be asked
+    lock = fused.build_directory() / "lock"
+    lock.parent.mkdir(parents=True)
+    try:
+        for age, kept in ((2 * STALE_LOCK_S, False), (1.0, True)):
+            lock.touch()
+            os.utime(lock, (time.time() - age, time.time() - age))
+            fused.kernel.cache_clear()
+            assert fused.kernel()["build_directory"] == str(lock.parent)
+            assert lock.exists() == kept
+    finally:
+        fused.kernel.cache_clear()  # the real extension for the tests after this one
 
 
 def test_supports_names_what_the_kernel_cannot_run(model) -> None:

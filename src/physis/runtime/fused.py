@@ -14,8 +14,10 @@ and runs only where the CPU has AMX (`available()`); the engines that use it fal
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,9 @@ from physis.model.trunk import PrefixCache
 SOURCE = Path(__file__).with_name("kernels") / "amx_flow.cpp"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma"]
 TOKENS = 16  # the kernel's one tile of rows: action chunks of this many steps
+STALE_LOCK_S = 300.0  # a build takes well under a minute: a lock older than this was left by a killed build
+
+log = logging.getLogger(__name__)
 
 
 def amx_cpu() -> bool:
@@ -53,7 +58,7 @@ def supports(model: PhysisModel) -> str | None:
 
 @functools.cache
 def kernel() -> Any:
-    """The compiled extension (built on first use, cached by torch's extension loader)."""
+    """The compiled extension: built on first use (about 25 s) into `build_directory()`, then loaded from there."""
     from torch.utils.cpp_extension import load
 
     # torch's loader calls `ninja` from PATH; the pip package puts it beside this interpreter, which a
@@ -61,7 +66,21 @@ def kernel() -> Any:
     here = str(Path(sys.executable).parent)
     if here not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
-    return load(name="physis_amx_flow", sources=[str(SOURCE)], extra_cflags=FLAGS, verbose=False)
+    build = build_directory()
+    build.mkdir(parents=True, exist_ok=True)
+    # a build killed midway leaves its lock behind, and the loader would wait for it forever
+    lock = build / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        log.warning("removing a stale build lock of the AMX kernel (%s)", lock)
+        lock.unlink(missing_ok=True)
+    return load(name="physis_amx_flow", sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
+                verbose=False)
+
+
+def build_directory() -> Path:
+    """Where the kernel is built: $PHYSIS_KERNEL_CACHE, else ~/.cache/physis/kernels, per torch version."""
+    root = Path(os.environ.get("PHYSIS_KERNEL_CACHE", Path.home() / ".cache" / "physis" / "kernels"))
+    return root / f"amx_flow-torch{torch.__version__}"
 
 
 def pack_b(w: torch.Tensor) -> torch.Tensor:
