@@ -7,8 +7,9 @@ core: matmuls as bf16 tile products against weights packed once per engine, acti
 bf16 where they enter a matmul), attention over the prefix's cached keys and values, which are packed once per
 chunk, with each step's 16 action keys and values written into their own tiles.
 
-The kernel is compiled on first use with the C++ compiler torch's extensions use (tens of seconds, then cached)
-and runs only where the CPU has AMX (`available()`); the engines that use it fall back to inductor elsewhere.
+The kernel is compiled on first use with the C++ compiler torch's extensions use (about 25 s, then cached) and runs
+only where the CPU has AMX and the model has its shapes (`supports()` says why not): the `fused` backend refuses
+elsewhere, and batches of more than one observation take compile-bf16's flow graph.
 """
 
 from __future__ import annotations

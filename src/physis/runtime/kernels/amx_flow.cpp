@@ -225,7 +225,7 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   std::fill(kbias.begin() + ctx, kbias.begin() + ctx + T, 0.f);
 
   std::vector<float> h(T * D), tmp(T * std::max({3 * W, H, D, AO})), att(T * W), scores(T * nkp), v(T * AO);
-  std::vector<bf16> a16(T * std::max({W, H, D, AP}), 0), p16(T * nkp), q16(T * 32), kblk(BLOCK), vblk(2 * BLOCK);
+  std::vector<bf16> a16(T * std::max({W, H, D, AP}), 0), p16(T * nkp), q16(T * 32);
   // per layer, the context's keys as B tiles of S = Q K^T (heads, nkp/16, 512) and its values as B tiles of
   // O = P V (heads, 2, nkp/32, 512), packed once a chunk; each step writes its action tokens' tiles in place
   std::vector<std::vector<bf16>> kpack(L), vpack(L);
