@@ -503,25 +503,29 @@ class PhysisModel(nn.Module):
         keys = [F.pad(cache.keys[i], (0, 0, 0, n)) for i in reads]
         values = [F.pad(cache.values[i], (0, 0, 0, n)) for i in reads]
         mask = additive_mask(expert_attention_mask(cache.mask, n, 0), keys[0].dtype)
-        # _action_tokens, split: action_in([x, m]) = x Wx' + (m Wm' + b); action_time's first layer on
-        # [tok, temb] = tok Wt' + (temb Wτ' + b1). Both are linear in x, so one matmul x (Wt Wx)' and a per-step
-        # term (m Wm' + b) Wt' + temb Wτ' + b1 replace two; the output bias and the positions add up to one term.
-        # The products are taken in float32 whatever the weights' dtype.
-        # The column slices are made contiguous: inductor's C++ GEMM template (compile-bf16's max-autotune) computes
-        # a linear with a frozen strided weight wrongly (torch 2.13).
+        w_x, step_terms = self._action_token_terms(cache.action_mask, times)
+        dtype = self.action_in.weight.dtype
+        return FlowContext(
+            cache, keys, values, mask, n_ctx=cache.mask.shape[1], w_x=w_x.to(dtype), step_terms=step_terms.to(dtype),
+            out_term=self.action_time[2].bias + self.action_pos[:n],
+        )  # fmt: skip
+
+    def _action_token_terms(self, action_mask: torch.Tensor, times: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow loop's folded action-token weights, float32: w_x (De, A) and each step's term (K, B, 1, De).
+
+        _action_tokens, split: action_in([x, m]) = x Wx' + (m Wm' + b); action_time's first layer on
+        [tok, temb] = tok Wt' + (temb Wτ' + b1). Both are linear in x, so one matmul x (Wt Wx)' and a per-step
+        term (m Wm' + b) Wt' + temb Wτ' + b1 replace two. The products are taken in float32 whatever the weights'
+        dtype. The column slices are made contiguous: inductor's C++ GEMM template (compile-bf16's max-autotune)
+        computes a linear with a frozen strided weight wrongly (torch 2.13).
+        """
         a, de = self.config.action_dim, self.config.expert_width
         w_in, w_time = self.action_in.weight.float(), self.action_time[0].weight.float()
         w_tok = w_time[:, :de].contiguous()
         t = torch.tensor(times, device=w_in.device)
-        mask_term = F.linear(cache.action_mask.float(), w_in[:, a:].contiguous(), self.action_in.bias.float())
+        mask_term = F.linear(action_mask.float(), w_in[:, a:].contiguous(), self.action_in.bias.float())
         time_terms = F.linear(time_embedding(t, de), w_time[:, de:].contiguous(), self.action_time[0].bias.float())
-        dtype = self.action_in.weight.dtype
-        return FlowContext(
-            cache, keys, values, mask, n_ctx=cache.mask.shape[1],
-            w_x=(w_tok @ w_in[:, :a].contiguous()).to(dtype),
-            step_terms=(time_terms[:, None, None] + (mask_term @ w_tok.T)[:, None]).to(dtype),  # (K, B, 1, De)
-            out_term=self.action_time[2].bias + self.action_pos[:n],
-        )  # fmt: skip
+        return w_tok @ w_in[:, :a].contiguous(), time_terms[:, None, None] + (mask_term @ w_tok.T)[:, None]
 
     def _flow_velocity(self, flow: FlowContext, x: torch.Tensor, step: int) -> torch.Tensor:
         """`predict_velocity` at the flow context's step `step`: the same numbers up to rounding, without the

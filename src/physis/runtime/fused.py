@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from physis.model.physis_model import PhysisModel, time_embedding
+from physis.model.physis_model import PhysisModel
 from physis.model.trunk import PrefixCache
 
 SOURCE = Path(__file__).with_name("kernels") / "amx_flow.cpp"
@@ -123,9 +123,7 @@ class FusedFlow:
                     mlp[2].bias,
                 ]
                 eps += [block.norm1.eps, block.norm2.eps]
-            w_time = model.action_time[0].weight.float()
-            de, a = cfg.expert_width, cfg.action_dim
-            w_x = w_time[:, :de] @ model.action_in.weight.float()[:, :a]  # as _flow_context folds them
+            w_x = model._action_token_terms(torch.ones(1, cfg.action_dim), [1.0])[0]  # as the flow loop folds it
             weights += [
                 pack_b(w_x),
                 pack_b(model.action_time[2].weight),
@@ -142,15 +140,13 @@ class FusedFlow:
         kernel()  # build now, not inside the first chunk
 
     def _step_terms(self, steps: int, action_mask: torch.Tensor) -> torch.Tensor:
-        """Each step's x-independent part of the action tokens (steps, De), as `PhysisModel._flow_context`."""
+        """Each step's x-independent part of the action tokens (steps, De), cached per step count and action mask."""
         key = (steps, tuple(action_mask.tolist()))
         if key not in self._terms:
-            m, de, a = self.model, self.model.config.expert_width, self.model.config.action_dim
-            w_in, w_time = m.action_in.weight.float(), m.action_time[0].weight.float()
-            t = torch.tensor([1.0 - i / steps for i in range(steps)])
-            mask_term = F.linear(action_mask.float(), w_in[:, a:], m.action_in.bias.float())
-            time_terms = F.linear(time_embedding(t, de), w_time[:, de:], m.action_time[0].bias.float())
-            self._terms[key] = (time_terms + mask_term @ w_time[:, :de].T).contiguous()
+            times = [1.0 - i / steps for i in range(steps)]
+            with torch.no_grad():
+                terms = self.model._action_token_terms(action_mask[None], times)[1]
+            self._terms[key] = terms[:, 0, 0].contiguous()
         return self._terms[key]
 
     @torch.inference_mode()
