@@ -1,4 +1,5 @@
-"""The AMX flow kernel against the eager float32 model (a tiny model with the kernel's shapes, random weights)."""
+"""The AMX flow and trunk kernels against the eager float32 model (a tiny model with the kernels' shapes, random
+weights)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torch
 import torch.utils.cpp_extension
 
 from physis.model import ModelConfig, PhysisModel
+from physis.model.physis_model import padded_draft
+from physis.model.vocab import BOS, EOS
 from physis.runtime import fused
-from physis.runtime.backends import CompiledEngine, make_engine
-from physis.runtime.export import example_batch
-from physis.runtime.fused import STALE_LOCK_S, FusedFlow, amx_cpu, pack_b, supports
+from physis.runtime.backends import TEXT_ROUNDING, CompiledEngine, make_engine, with_action_mask
+from physis.runtime.export import BATCH_KEYS, PrefixDraftEncoder, PrefixEncoder, PrefixTokens, example_batch
+from physis.runtime.fused import STALE_LOCK_S, FusedFlow, FusedTrunk, amx_cpu, pack_b, supports, trunk_supports
 
 A = 7
 needs_amx = pytest.mark.skipif(not amx_cpu(), reason="the kernel runs on CPUs with AMX tiles only")
@@ -22,10 +25,13 @@ needs_amx = pytest.mark.skipif(not amx_cpu(), reason="the kernel runs on CPUs wi
 @pytest.fixture(scope="module")
 def model() -> PhysisModel:
     torch.manual_seed(0)
-    # heads 32 wide and expert widths in whole tiles, as the kernel needs; 16 action steps
+    # heads 32 wide and expert widths in whole tiles, as the kernels need; 16 action steps. 8 stem channels: the
+    # library's bf16 convolution of tiny's 16 channels with 4x4 patches (stride 4) is wrong on some CPUs (relative
+    # error ~1 against float32, torch 2.13), and the engine's bf16 tokens are compared with float32 ones here
     cfg = ModelConfig.preset(
         "tiny",
         image_size=32,
+        stem_channels=8,
         action_dim=A,
         state_dim=5,
         cameras=2,
@@ -66,6 +72,11 @@ def test_supports_names_what_the_kernel_cannot_run(model) -> None:
         PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5, heads=2, expert_width=64, horizon=8))
     )
     assert supports(model) == (None if amx_cpu() else "the CPU has no AMX tiles")
+    assert "32 wide" in trunk_supports(PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5)))
+    assert "multiples of 32" in trunk_supports(
+        PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5, heads=2, mlp_ratio=2.25))
+    )
+    assert trunk_supports(model) == (None if amx_cpu() else "the CPU has no AMX tiles")
 
 
 @pytest.mark.skipif(amx_cpu(), reason="this CPU has AMX")
@@ -78,6 +89,7 @@ def test_the_fused_backend_says_why_it_cannot_run(model) -> None:
 def test_the_kernel_samples_what_the_eager_model_samples(model) -> None:
     batch = example_batch(model, seed=3, text_tokens=5)
     batch["action_mask"] = torch.tensor([[True] * (A - 2) + [False] * 2])  # a smaller robot in a padded space
+    batch["text_mask"][:, -1] = False  # a masked key
     flow = FusedFlow(model)
     g = torch.Generator().manual_seed(3)
     noise, target = torch.randn(1, 16, A, generator=g), torch.randn(1, 16, A, generator=g)
@@ -119,3 +131,52 @@ def test_the_engine_runs_batch_one_on_the_kernel_and_larger_batches_on_the_graph
     monkeypatch.setattr(engine, "_fused", lambda *a: pytest.fail("the kernel was given a batch of two"))
     out = engine.sample_actions(cache=cache, noise=noise, steps=3)
     assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Within 2% of the reference's scale: bf16 matmuls against float32; a misplaced tile is off by far more."""
+    return out.shape == ref.shape and bool((out.float() - ref.float()).abs().max() < 0.02 * ref.abs().max())
+
+
+@needs_amx
+def test_the_trunk_kernel_encodes_and_checks_a_draft_as_the_eager_model_does(model) -> None:
+    batch = with_action_mask(example_batch(model, seed=5, text_tokens=5), A)
+    batch["image_mask"][0, 1] = False  # a missing camera: its patches' keys masked
+    inputs = [batch[k] for k in BATCH_KEYS]
+    d, _ = padded_draft(torch.tensor([[BOS, 5, 6, 7, EOS]]), model.config.max_subtask_tokens, "cpu")
+    trunk = FusedTrunk(model)
+    with torch.inference_mode():
+        ref_k, ref_v, _, ref_pred, ref_gap = PrefixDraftEncoder(model)(*inputs, d)
+        tokens, mask = PrefixTokens(model, draft=True)(*inputs, d)
+        assert not bool(mask.all()) and tokens.shape[1] % 16  # masked keys, a partial tile of tokens
+        keys, values, pred, gap = trunk(tokens, mask, d)
+        assert _close(keys, ref_k) and _close(values, ref_v)
+        assert torch.equal(pred, ref_pred)
+        finite = ref_gap.isfinite()  # the draft's PAD after its EOS: never the greedy choice
+        assert torch.equal(gap.isfinite(), finite) and _close(gap[finite], ref_gap[finite])
+        # without a draft: the prefix's keys and values alone, and nothing to check
+        ref_k, ref_v, _ = PrefixEncoder(model)(*inputs)
+        keys, values, pred, gap = trunk(tokens[:, : mask.shape[1]], mask)
+        assert _close(keys, ref_k) and _close(values, ref_v) and pred.shape == gap.shape == (1, 0)
+
+
+@needs_amx
+def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_the_graph(model, monkeypatch) -> None:
+    monkeypatch.setattr(CompiledEngine, "_compile", lambda self, module: module)  # the graphs' modules, eagerly
+    engine = CompiledEngine(model, torch.bfloat16, unrolled=True, fused=True)
+    eager = make_engine(model, "eager")
+    batch = example_batch(model, batch=2, seed=6, text_tokens=TEXT_ROUNDING)  # as long as the graphs pad it to
+    one = {k: v[:1] for k, v in batch.items()}
+    ids, ref = eager.reason(one)
+    wrong = ids.clone()
+    wrong[0, 2] = 4 if int(ids[0, 2]) != 4 else 5
+    # a right draft ends in the kernel's pass; a wrong one and none decode on from the kernel's prefix (in bf16)
+    for draft in (ids, wrong, None):
+        out, cache = engine.reason(one, draft=draft)
+        assert torch.equal(out, ids)
+        assert all(_close(k, r) for k, r in zip(cache.keys, ref.keys, strict=True))
+        assert all(_close(v, r) for v, r in zip(cache.values, ref.values, strict=True))
+    assert _close(engine.encode_prefix(one).keys[-1], eager.encode_prefix(one).keys[-1])
+    monkeypatch.setattr(engine, "_trunk", lambda *a: pytest.fail("the kernel was given a batch of two"))
+    out, cache = engine.reason(batch, draft=torch.cat([ids, ids]))
+    assert torch.equal(out[:1], ids) and cache.batch_size == 2

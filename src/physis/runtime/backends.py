@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import tempfile
 import warnings
@@ -182,8 +183,9 @@ class CompiledEngine(_LoopEngine):
         FROZEN_AMX); `freeze` folds the weights into the graphs (a snapshot: later changes to `model` do not reach
         them); `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
         `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`);
-        `fused` runs batch-1 flow loops on the AMX kernel (`physis.runtime.fused.FusedFlow`)."""
-        from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, VelocityNet, reads_localizer
+        `fused` runs batch-1 flow loops and, where the model allows, the trunk over batch-1 prefixes on the AMX
+        kernels (`physis.runtime.fused`)."""
+        from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, PrefixTokens, VelocityNet, reads_localizer
 
         super().__init__(model, None if dtype == torch.float32 else copy.deepcopy(model).to(dtype), dtype)
         self._options, self._freeze = options, freeze
@@ -197,11 +199,16 @@ class CompiledEngine(_LoopEngine):
         else:  # the float32 model itself, or a copy in another dtype
             self._flow_net = self.model if self._flow_dtype == torch.float32 else \
                 copy.deepcopy(model).to(self._flow_dtype).eval()
-        self._fused = None
+        self._fused = self._trunk = None
         if fused:
-            from physis.runtime.fused import FusedFlow
+            from physis.runtime.fused import FusedFlow, FusedTrunk, trunk_supports
 
             self._fused = FusedFlow(model)
+            if trunk_supports(model) is None:  # the prefix's tokens from a graph, the trunk over them in the kernel
+                self._trunk = FusedTrunk(model)
+                self._tokens = self._compile(PrefixTokens(self.net, self._env_state))
+                if self.config.subtask:
+                    self._draft_tokens = self._compile(PrefixTokens(self.net, self._env_state, draft=True))
         self._reasoner = None
         if unrolled and self.config.subtask:
             self._reasoner = self._compile(PrefixDraftEncoder(self.net, self._env_state))
@@ -253,10 +260,25 @@ class CompiledEngine(_LoopEngine):
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
         batch = self._graph_inputs(batch)
-        keys, values, mask, *env_state = self._encoder(*(batch[k] for k in BATCH_KEYS))
+        if self._on_trunk_kernel(batch):
+            tokens, mask, *env_state = self._tokens(*(batch[k] for k in BATCH_KEYS))
+            keys, values, _, _ = self._trunk(tokens, mask)
+        else:
+            keys, values, mask, *env_state = self._encoder(*(batch[k] for k in BATCH_KEYS))
         cache = stacked_cache(keys, values, mask, batch["action_mask"].bool())
         cache.env_state = env_state[0] if env_state else None
         return cache
+
+    def _on_trunk_kernel(self, batch: Batch) -> bool:
+        """Whether this (graph-ready) batch's prefix goes through the trunk kernel: fused, and one observation."""
+        return self._trunk is not None and batch["state"].shape[0] == 1
+
+    def generate_subtask(self, cache: PrefixCache,
+                         draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
+        if cache.keys[0].dtype != self.dtype:  # the trunk kernel's float32 keys, for the decode in the net's dtype
+            cache = dataclasses.replace(cache, keys=[k.to(self.dtype) for k in cache.keys],
+                                        values=[v.to(self.dtype) for v in cache.values])
+        return super().generate_subtask(cache, draft)
 
     @torch.inference_mode()
     def reason(self, batch: Batch, draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
@@ -269,7 +291,11 @@ class CompiledEngine(_LoopEngine):
         batch = self._graph_inputs(batch)
         n = self.config.max_subtask_tokens
         d, last = padded_draft(draft, n, batch["state"].device)
-        keys, values, mask, pred, gap, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
+        if self._on_trunk_kernel(batch):
+            tokens, mask, *env_state = self._draft_tokens(*(batch[k] for k in BATCH_KEYS), d)
+            keys, values, pred, gap = self._trunk(tokens, mask, d)
+        else:
+            keys, values, mask, pred, gap, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
         estimate = env_state[0] if env_state else None
         action_mask, p = batch["action_mask"].bool(), mask.shape[1]
         # leading draft tokens the decode reproduces, or nearly: one within DRAFT_TIE of the best logit counts

@@ -66,6 +66,38 @@ class PrefixEncoder(nn.Module):
         return (*out, cache.env_state) if self.env_state else out
 
 
+class PrefixTokens(nn.Module):
+    """The observation's prefix tokens, as the trunk reads them, for a trunk that runs elsewhere (the `fused`
+    backend's kernel).
+
+    Inputs: the observation tensors of `PrefixEncoder`, then with `draft` a subtask draft (B, n) int64 as
+    `PrefixDraftEncoder` takes it. Outputs: tokens (B, N (+ n), width) float32, the draft's embeddings after the
+    prefix's; the prefix key mask (B, N); with `env_state`, the localizer's estimate (B, env_state_dim).
+    """
+
+    def __init__(self, model: PhysisModel, env_state: bool = False, draft: bool = False) -> None:
+        super().__init__()
+        if draft and not model.config.subtask:
+            raise ValueError("PrefixTokens: the model was built with subtask=False")
+        if env_state and not reads_localizer(model):
+            raise ValueError("PrefixTokens: env_state=True needs a model with the keypoint localizer")
+        self.model, self.env_state, self.draft = model, env_state, draft
+
+    def forward(self, images: torch.Tensor, image_mask: torch.Tensor, state: torch.Tensor, state_mask: torch.Tensor,
+                text: torch.Tensor, text_mask: torch.Tensor, embodiment: torch.Tensor, action_mask: torch.Tensor,
+                draft: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        m = self.model
+        batch = {"images": images, "image_mask": image_mask, "state": state, "state_mask": state_mask, "text": text,
+                 "text_mask": text_mask, "embodiment": embodiment, "action_mask": action_mask}
+        tokens, mask, _, env_state = m.prefix(batch)
+        if self.draft:
+            if draft is None:
+                raise ValueError("PrefixTokens: built with draft=True, called without a draft")
+            tokens = torch.cat([tokens, m.subtask_emb(draft) + m.subtask_pos[: draft.shape[1]]], 1)
+        out = tokens.float(), mask
+        return (*out, env_state) if self.env_state else out
+
+
 class PrefixDraftEncoder(nn.Module):
     """The prefix and a subtask draft in one pass: what a chunk whose subtask is unchanged needs from the trunk.
 

@@ -1,4 +1,4 @@
-"""The action expert's flow loop as one hand-written AMX kernel (`kernels/amx_flow.cpp`).
+"""The action expert's flow loop and the trunk over the prefix as hand-written AMX kernels (`kernels/`).
 
 At batch 1 a `small` flow step is 16 action tokens through four expert layers: about 40 MFLOP, which AMX does in
 tens of microseconds, behind ~40 library or generated-kernel calls that each cost microseconds of dispatch,
@@ -7,14 +7,20 @@ core: matmuls as bf16 tile products against weights packed once per engine, acti
 bf16 where they enter a matmul), attention over the prefix's cached keys and values, which are packed once per
 chunk, with each step's 16 action keys and values written into their own tiles.
 
-The kernel is compiled on first use with the C++ compiler torch's extensions use (about 25 s, then cached) and runs
-only where the CPU has AMX and the model has its shapes (`supports()` says why not): the `fused` backend refuses
-elsewhere, and batches of more than one observation take compile-bf16's flow graph.
+The prefix's trunk (`FusedTrunk`, `kernels/amx_trunk.cpp`) is the same idea at ~170 tokens: every block in one
+call, both cores each taking whole tiles of tokens, with one barrier per block (its keys and values are shared);
+the two tiles of rows a matmul takes at once let each weight tile loaded serve 32 tokens. It checks a subtask
+draft in the same pass, as `PrefixDraftEncoder` does.
+
+The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then cached)
+and run only where the CPU has AMX and the model has their shapes (`supports()`, `trunk_supports()` say why not):
+the `fused` backend refuses elsewhere, and batches of more than one observation take compile-bf16's graphs.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -27,9 +33,13 @@ import torch.nn.functional as F
 
 from physis.model.physis_model import PhysisModel
 from physis.model.trunk import PrefixCache
+from physis.model.vocab import BOS, PAD
 
-SOURCE = Path(__file__).with_name("kernels") / "amx_flow.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma"]
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS / "amx_flow.cpp", KERNELS / "amx_trunk.cpp"]
+HEADER = KERNELS / "amx.h"
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
+         "-fopenmp"]
 TOKENS = 16  # the kernel's one tile of rows: action chunks of this many steps
 STALE_LOCK_S = 300.0  # a build takes well under a minute: a lock older than this was left by a killed build
 
@@ -57,6 +67,20 @@ def supports(model: PhysisModel) -> str | None:
     return None
 
 
+def trunk_supports(model: PhysisModel) -> str | None:
+    """None when the trunk kernel can run `model`'s prefix on this machine, else why not."""
+    cfg = model.config
+    if model.backbone is not None:
+        return "the prefix runs through a pretrained backbone"
+    if cfg.width // cfg.heads != 32:
+        return f"the kernel's heads are 32 wide, the model's {cfg.width // cfg.heads}"
+    if cfg.width % 32 or int(cfg.width * cfg.mlp_ratio) % 32:
+        return "the trunk's widths are not multiples of 32"
+    if not amx_cpu():
+        return "the CPU has no AMX tiles"
+    return None
+
+
 @functools.cache
 def kernel() -> Any:
     """The compiled extension: built on first use (about 25 s) into `build_directory()`, then loaded from there."""
@@ -74,14 +98,16 @@ def kernel() -> Any:
     if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
         log.warning("removing a stale build lock of the AMX kernel (%s)", lock)
         lock.unlink(missing_ok=True)
-    return load(name="physis_amx_flow", sources=[str(SOURCE)], extra_cflags=FLAGS, build_directory=str(build),
-                verbose=False)
+    # the loader rebuilds when a source or a flag changes, not the shared header: its hash goes in as a flag
+    header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
+    return load(name="physis_amx", sources=[str(s) for s in SOURCES], extra_cflags=[*FLAGS, f"-DAMX_H={header}"],
+                extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
 
 
 def build_directory() -> Path:
     """Where the kernel is built: $PHYSIS_KERNEL_CACHE, else ~/.cache/physis/kernels, per torch version."""
     root = Path(os.environ.get("PHYSIS_KERNEL_CACHE", Path.home() / ".cache" / "physis" / "kernels"))
-    return root / f"amx_flow-torch{torch.__version__}"
+    return root / f"amx-torch{torch.__version__}"
 
 
 def pack_b(w: torch.Tensor) -> torch.Tensor:
@@ -91,6 +117,29 @@ def pack_b(w: torch.Tensor) -> torch.Tensor:
     w = F.pad(w.float(), (0, -k % 32, 0, -n % 16))
     n, k = w.shape
     return w.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous().to(torch.bfloat16).flatten()
+
+
+def block_weights(block: torch.nn.Module) -> list[torch.Tensor]:
+    """A Block's weights in the kernels' order: matmul weights packed (`pack_b`), the rest float32."""
+    mlp = block.mlp
+    return [
+        block.norm1.weight,
+        block.norm1.bias,
+        pack_b(block.qkv.weight),
+        block.qkv.bias,
+        pack_b(block.proj.weight),
+        block.proj.bias,
+        block.norm2.weight,
+        block.norm2.bias,
+        pack_b(mlp[0].weight),
+        mlp[0].bias,
+        pack_b(mlp[2].weight),
+        mlp[2].bias,
+    ]
+
+
+def _kernel_tensors(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [w.detach().float().contiguous() if w.dtype != torch.bfloat16 else w for w in weights]
 
 
 class FusedFlow:
@@ -107,21 +156,7 @@ class FusedFlow:
         eps: list[float] = []
         with torch.no_grad():
             for block in model.expert:
-                mlp = block.mlp
-                weights += [
-                    block.norm1.weight,
-                    block.norm1.bias,
-                    pack_b(block.qkv.weight),
-                    block.qkv.bias,
-                    pack_b(block.proj.weight),
-                    block.proj.bias,
-                    block.norm2.weight,
-                    block.norm2.bias,
-                    pack_b(mlp[0].weight),
-                    mlp[0].bias,
-                    pack_b(mlp[2].weight),
-                    mlp[2].bias,
-                ]
+                weights += block_weights(block)
                 eps += [block.norm1.eps, block.norm2.eps]
             w_x = model._action_token_terms(torch.ones(1, cfg.action_dim), [1.0])[0]  # as the flow loop folds it
             weights += [
@@ -133,7 +168,7 @@ class FusedFlow:
                 model.action_out.bias,
             ]
             eps.append(model.expert_norm.eps)
-        self.weights = [w.detach().float().contiguous() if w.dtype != torch.bfloat16 else w for w in weights]
+        self.weights = _kernel_tensors(weights)
         self.eps = eps
         self.out_term = (model.action_time[2].bias + model.action_pos[: cfg.horizon]).detach().float().contiguous()
         self._terms: dict[tuple, torch.Tensor] = {}
@@ -174,3 +209,46 @@ class FusedFlow:
             self._step_terms(steps, action_mask), self.out_term, prefix_actions[0].float().contiguous(),
             prefix_weights[0].float().contiguous(), action_mask, self.heads, self.head_dim, steps,
         )[None]  # fmt: skip
+
+
+class FusedTrunk:
+    """A model's trunk over a batch-1 prefix (and a subtask draft) on the AMX kernel; weights packed once (a
+    snapshot), as `FusedFlow`'s."""
+
+    def __init__(self, model: PhysisModel) -> None:
+        why = trunk_supports(model)
+        if why is not None:
+            raise RuntimeError(f"FusedTrunk: {why}")
+        cfg = model.config
+        self.model, self.layers = model, cfg.depth
+        weights: list[torch.Tensor] = []
+        eps: list[float] = []
+        with torch.no_grad():
+            for block in model.blocks:
+                weights += block_weights(block)
+                eps += [block.norm1.eps, block.norm2.eps]
+            if cfg.subtask:  # the subtask head, its rows padded to a whole number of tile pairs
+                head_w, head_b = model.subtask_out.weight, model.subtask_out.bias
+            else:
+                head_w, head_b = torch.zeros(1, cfg.width), torch.zeros(1)
+            self.vocab = pad = head_w.shape[0]
+            pad = -pad % 32
+            weights += [model.norm.weight, model.norm.bias, pack_b(F.pad(head_w.float(), (0, 0, 0, pad))),
+                        F.pad(head_b.float(), (0, pad))]
+            eps.append(model.norm.eps)
+        self.trunk = kernel().Trunk(_kernel_tensors(weights), eps, cfg.heads, cfg.width // cfg.heads, cfg.width,
+                                    int(cfg.width * cfg.mlp_ratio), self.vocab)
+
+    @torch.inference_mode()
+    def __call__(
+        self, tokens: torch.Tensor, mask: torch.Tensor, draft: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (1, p + n, D): the prefix's p tokens (mask (1, p) True where valid), then a draft's n token
+        embeddings (draft (1, n) ids BOS w.. EOS PAD.., or None and n = 0) -> keys, values (L, 1, heads, p + n, 32)
+        float32 and, as `PrefixDraftEncoder`, pred (1, n - 1) and gap (1, n - 1)."""
+        if tokens.shape[0] != 1:
+            raise ValueError("FusedTrunk: the kernel runs batch 1")
+        ids = torch.zeros(0, dtype=torch.long) if draft is None else draft[0].long().contiguous()
+        keys, values, pred, gap = self.trunk.run(tokens[0].float().contiguous(), mask[0].float().contiguous(), ids,
+                                                 PAD, BOS, torch.get_num_threads())
+        return keys[:, None], values[:, None], pred[None], gap[None]

@@ -1,0 +1,314 @@
+// Building blocks of physis's AMX kernels (amx_flow.cpp, amx_trunk.cpp): bf16 tile products against weights packed
+// once, and the float32 vector pieces around them (LayerNorm, GELU, softmax rows, an exp of our own).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace amx {
+
+constexpr int T = 16;       // rows of one A or C tile
+constexpr int BLOCK = 512;  // bf16 values in one packed B tile (16 rows x 32)
+
+using bf16 = uint16_t;
+
+struct TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline bool request_amx() {
+  constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+  return ok;
+}
+
+// every tile 16 x 64 bytes; per thread, before its first tile instruction
+inline void configure_tiles() {
+  TileConfig cfg;
+  for (int i = 0; i < 8; ++i) {
+    cfg.rows[i] = 16;
+    cfg.colsb[i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+inline __m512 exp512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n 2^f, f in [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 1 / x to float32 precision: the 14-bit estimate and one Newton step (a division is several times slower)
+inline __m512 recip(__m512 x) {
+  const __m512 r = _mm512_rcp14_ps(x);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+}
+
+// float32 -> bf16 (round to nearest even), n a multiple of 16
+inline void to_bf16(const float* src, bf16* dst, int n) {
+  for (int i = 0; i < n; i += 16) {
+    __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), reinterpret_cast<__m256i&>(h));
+  }
+}
+
+// 32 float32 -> 32 bf16 in one register
+inline __m512i bf16x32(const float* src) {
+  __m256bh lo = _mm512_cvtneps_pbh(_mm512_loadu_ps(src)), hi = _mm512_cvtneps_pbh(_mm512_loadu_ps(src + 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(reinterpret_cast<__m256i&>(lo)), reinterpret_cast<__m256i&>(hi), 1);
+}
+
+// word indices that interleave two rows of 32 bf16: (a0 b0 a1 b1 .. a15 b15) and (a16 b16 .. a31 b31)
+inline const __m512i INTERLEAVE_LO = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+inline const __m512i INTERLEAVE_HI = _mm512_set_epi16(63, 31, 62, 30, 61, 29, 60, 28, 59, 27, 58, 26, 57, 25, 56, 24,
+                                                      55, 23, 54, 22, 53, 21, 52, 20, 51, 19, 50, 18, 49, 17, 48, 16);
+
+inline bf16 one_bf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u += 0x7FFF + ((u >> 16) & 1);
+  return static_cast<bf16>(u >> 16);
+}
+
+// C (16 x N, float32, row stride ldc) = A (16 x K bf16, row stride lda) B, with B packed as [N/16][K/32] tiles.
+inline void gemm16(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc) {
+  const int kb_n = K / 32, nb_n = N / 16;
+  int nb = 0;
+  for (; nb + 4 <= nb_n; nb += 4) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const bf16* b0 = B + static_cast<size_t>(nb) * kb_n * BLOCK;
+    const size_t s = static_cast<size_t>(kb_n) * BLOCK;  // one column of tiles
+    for (int kb = 0; kb < kb_n; ++kb) {
+      _tile_loadd(4, A + kb * 32, lda * 2);
+      _tile_loadd(5, b0 + kb * BLOCK, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, b0 + s + kb * BLOCK, 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, b0 + 2 * s + kb * BLOCK, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, b0 + 3 * s + kb * BLOCK, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+    _tile_stored(0, C + nb * 16, ldc * 4);
+    _tile_stored(1, C + (nb + 1) * 16, ldc * 4);
+    _tile_stored(2, C + (nb + 2) * 16, ldc * 4);
+    _tile_stored(3, C + (nb + 3) * 16, ldc * 4);
+  }
+  for (; nb < nb_n; ++nb) {
+    _tile_zero(0);
+    const bf16* b0 = B + static_cast<size_t>(nb) * kb_n * BLOCK;
+    for (int kb = 0; kb < kb_n; ++kb) {
+      _tile_loadd(4, A + kb * 32, lda * 2);
+      _tile_loadd(5, b0 + kb * BLOCK, 64);
+      _tile_dpbf16ps(0, 4, 5);
+    }
+    _tile_stored(0, C + nb * 16, ldc * 4);
+  }
+}
+
+// C (32 x N) = A (32 x K) B for two row tiles at once: each B tile loaded is used twice (2 x 2 accumulators), which
+// halves the weight traffic of a many-row matmul. N a multiple of 32.
+inline void gemm32(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc) {
+  const int kb_n = K / 32, nb_n = N / 16;
+  const size_t s = static_cast<size_t>(kb_n) * BLOCK;
+  const bf16* A1 = A + 16 * lda;
+  float* C1 = C + 16 * ldc;
+  for (int nb = 0; nb < nb_n; nb += 2) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const bf16* b0 = B + static_cast<size_t>(nb) * s;
+    for (int kb = 0; kb < kb_n; ++kb) {
+      _tile_loadd(4, A + kb * 32, lda * 2);
+      _tile_loadd(5, A1 + kb * 32, lda * 2);
+      _tile_loadd(6, b0 + kb * BLOCK, 64);
+      _tile_loadd(7, b0 + s + kb * BLOCK, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, C + nb * 16, ldc * 4);
+    _tile_stored(1, C + (nb + 1) * 16, ldc * 4);
+    _tile_stored(2, C1 + nb * 16, ldc * 4);
+    _tile_stored(3, C1 + (nb + 1) * 16, ldc * 4);
+  }
+}
+
+// C = A B over `tiles` row tiles of 16 (rows of A and C consecutive), two at a time where N allows
+inline void gemm_rows(const bf16* A, int lda, int tiles, const bf16* B, int K, int N, float* C, int ldc) {
+  int r = 0;
+  if (N % 32 == 0)
+    for (; r + 2 <= tiles; r += 2) gemm32(A + r * 16 * lda, lda, B, K, N, C + r * 16 * ldc, ldc);
+  for (; r < tiles; ++r) gemm16(A + r * 16 * lda, lda, B, K, N, C + r * 16 * ldc, ldc);
+}
+
+// row-wise LayerNorm of x (rows x D float32) into bf16, D a multiple of 16
+inline void layer_norm_bf16(const float* x, int rows, int D, const float* w, const float* b, float eps, bf16* out) {
+  std::vector<float> row(D);
+  for (int i = 0; i < rows; ++i) {
+    const float* xi = x + static_cast<size_t>(i) * D;
+    __m512 s = _mm512_setzero_ps();
+    for (int j = 0; j < D; j += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xi + j));
+    const float mean = _mm512_reduce_add_ps(s) / D;
+    const __m512 m = _mm512_set1_ps(mean);
+    __m512 v = _mm512_setzero_ps();
+    for (int j = 0; j < D; j += 16) {
+      const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xi + j), m);
+      v = _mm512_fmadd_ps(d, d, v);
+    }
+    const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(v) / D + eps));
+    for (int j = 0; j < D; j += 16) {
+      const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xi + j), m), r);
+      _mm512_storeu_ps(row.data() + j, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + j), _mm512_loadu_ps(b + j)));
+    }
+    to_bf16(row.data(), out + static_cast<size_t>(i) * D, D);
+  }
+}
+
+// y (rows x N, row stride ld, default N) += bias (N); N a multiple of 16
+inline void add_bias(float* y, int rows, int N, const float* bias, int ld = 0) {
+  ld = ld ? ld : N;
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < N; j += 16) {
+      float* p = y + static_cast<size_t>(i) * ld + j;
+      _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(bias + j)));
+    }
+}
+
+// the residual stream h (rows x N) += y + bias
+inline void add_residual(float* h, const float* y, int rows, int N, const float* bias) {
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < N; j += 16) {
+      const size_t k = static_cast<size_t>(i) * N + j;
+      const __m512 r = _mm512_add_ps(_mm512_loadu_ps(y + k), _mm512_loadu_ps(bias + j));
+      _mm512_storeu_ps(h + k, _mm512_add_ps(_mm512_loadu_ps(h + k), r));
+    }
+}
+
+// y = GELU(y + bias) in place (rows x N), tanh form: 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u))
+inline void bias_gelu(float* y, int rows, int N, const float* bias) {
+  const __m512 c = _mm512_set1_ps(0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f);
+  for (int i = 0; i < rows; ++i)
+    for (int j = 0; j < N; j += 16) {
+      float* p = y + static_cast<size_t>(i) * N + j;
+      const __m512 z = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(bias + j));
+      const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(c3, z), _mm512_mul_ps(z, z), z));
+      const __m512 e = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.f), u));
+      _mm512_storeu_ps(p, _mm512_mul_ps(z, recip(_mm512_add_ps(_mm512_set1_ps(1.f), e))));
+    }
+}
+
+// A head's 16 queries (rows of 32 float32, row stride ld) times `scale`, as one bf16 A tile (16 x 32)
+inline void pack_queries(const float* q, int ld, float scale, bf16* out) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int i = 0; i < T; ++i) {
+    __m256bh lo = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(q + i * ld), sc));
+    __m256bh hi = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(q + i * ld + 16), sc));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 32), reinterpret_cast<__m256i&>(lo));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * 32 + 16), reinterpret_cast<__m256i&>(hi));
+  }
+}
+
+// One row of softmax without its division: s (nk scores, plus `bias`: 0 or -inf per key) -> p = exp(s - max) in
+// bf16, zero from nk to nkp; returns 1 / sum, by which the row's output is scaled after P V.
+inline float softmax_row(float* s, const float* bias, int nk, int nkp, bf16* p) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < nk; j += 16) {
+    const __m512 z = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
+    _mm512_storeu_ps(s + j, z);
+    mx = _mm512_max_ps(mx, z);
+  }
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < nk; j += 16) {
+    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    sum = _mm512_add_ps(sum, e);
+    __m256bh eh = _mm512_cvtneps_pbh(e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), reinterpret_cast<__m256i&>(eh));
+  }
+  std::fill(p + nk, p + nkp, 0);
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// o (16 rows of 32, row stride ld) *= inv[row]
+inline void scale_rows(float* o, int ld, const float* inv) {
+  for (int i = 0; i < T; ++i) {
+    const __m512 r = _mm512_set1_ps(inv[i]);
+    _mm512_storeu_ps(o + i * ld, _mm512_mul_ps(_mm512_loadu_ps(o + i * ld), r));
+    _mm512_storeu_ps(o + i * ld + 16, _mm512_mul_ps(_mm512_loadu_ps(o + i * ld + 16), r));
+  }
+}
+
+// Key rows (n x 32 float32, row stride ld) as the B tiles of S = Q K^T from `out` on: B[k=d][n=key], tile j/16
+// holding key j in column j % 16; a token's 16 d-pairs (32-bit words) go to words r * 16 + j % 16 (a scatter).
+inline void pack_key_rows(const float* k, int n, bf16* out, int ld = 32) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(16));
+  for (int j = 0; j < n; ++j)
+    _mm512_i32scatter_epi32(reinterpret_cast<int*>(out + (j / 16) * BLOCK) + j % 16, rows, bf16x32(k + j * ld), 4);
+}
+
+// Value rows (n x 32 float32, row stride ld) for keys first .. first + n as the B tiles of O = P V in `out`
+// (2, nkp/32, 512): B[k=key][n=d], keys 2r and 2r + 1 interleaved, d 0..15 in the first column of tiles.
+inline void pack_value_rows(const float* v, int n, int ld, int nkp, bf16* out, int first = 0) {
+  static const float zero[32] = {};
+  for (int j = 0; j < n; j += 2) {
+    const int key = first + j;
+    const __m512i a = bf16x32(v + j * ld), b = bf16x32(j + 1 < n ? v + (j + 1) * ld : zero);
+    bf16* row = out + (key / 32) * BLOCK + ((key % 32) / 2) * 32;
+    _mm512_storeu_si512(row, _mm512_permutex2var_epi16(a, INTERLEAVE_LO, b));
+    _mm512_storeu_si512(row + (nkp / 32) * BLOCK, _mm512_permutex2var_epi16(a, INTERLEAVE_HI, b));
+  }
+}
+
+// One pre-norm transformer block's weights: matmul weights as packed bf16 tiles, the rest float32
+struct Layer {
+  const float *ln1_w, *ln1_b, *qkv_b, *proj_b, *ln2_w, *ln2_b, *fc1_b, *fc2_b;
+  const bf16 *qkv, *proj, *fc1, *fc2;
+  float eps1, eps2;
+};
+
+inline const float* f32(const torch::Tensor& t) { return t.data_ptr<float>(); }
+inline const bf16* b16(const torch::Tensor& t) { return reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>()); }
+
+// layers from weights laid out per layer as [ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc1, fc1_b, fc2,
+// fc2_b], and eps as [norm1, norm2] per layer
+inline std::vector<Layer> read_layers(const std::vector<torch::Tensor>& weights, const std::vector<double>& eps, int L) {
+  std::vector<Layer> layers(L);
+  for (int l = 0; l < L; ++l) {
+    const auto* w = &weights[12 * l];
+    layers[l] = {f32(w[0]), f32(w[1]), f32(w[3]), f32(w[5]), f32(w[6]), f32(w[7]), f32(w[9]), f32(w[11]),
+                 b16(w[2]), b16(w[4]), b16(w[8]), b16(w[10]),
+                 static_cast<float>(eps[2 * l]), static_cast<float>(eps[2 * l + 1])};
+  }
+  return layers;
+}
+
+}  // namespace amx
