@@ -80,9 +80,10 @@ class Trunk {
       const unsigned csr = _mm_getcsr();
       _mm_setcsr(csr | 0x8040);  // flush denormals: each costs a microcode assist
       const int t0 = tiles * tid / team, t1 = tiles * (tid + 1) / team, rows = (t1 - t0) * 16;
-      // the last block's share: the draft's tiles
-      const int d0 = first_draft_tile + (tiles - first_draft_tile) * tid / team,
-                d1 = first_draft_tile + (tiles - first_draft_tile) * (tid + 1) / team;
+      // the last block's share of the draft's tiles, dealt from the last thread down: the first threads have the
+      // fewer tokens when the tiles do not split evenly
+      const int back = team - 1 - tid, d = tiles - first_draft_tile;
+      const int d0 = first_draft_tile + d * back / team, d1 = first_draft_tile + d * (back + 1) / team;
       const size_t cap = std::max({rows, (d1 - d0) * 16, 16});
       std::vector<bf16> a16(cap * std::max({D_, W_, H_})), p16(16 * nkp), q16(16 * 32);
       std::vector<float> tmp(cap * std::max(3 * W_, H_)), att(cap * W_), scores(16 * nkp);
