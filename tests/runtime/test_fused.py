@@ -180,3 +180,24 @@ def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_
     monkeypatch.setattr(engine, "_trunk", lambda *a: pytest.fail("the kernel was given a batch of two"))
     out, cache = engine.reason(batch, draft=torch.cat([ids, ids]))
     assert torch.equal(out[:1], ids) and cache.batch_size == 2
+
+
+@needs_amx
+def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model) -> None:
+    batch = with_action_mask(example_batch(model, seed=7, text_tokens=5), A)
+    inputs = [batch[k] for k in BATCH_KEYS]
+    d, _ = padded_draft(torch.tensor([[BOS, 5, EOS]]), model.config.max_subtask_tokens, "cpu")
+    noise = torch.randn(1, 16, A, generator=torch.Generator().manual_seed(7))
+    flow, trunk = FusedFlow(model), FusedTrunk(model)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        with torch.inference_mode():
+            tokens, mask = PrefixTokens(model, draft=True)(*inputs, d)
+            cache = model.generate_subtask(model.encode_prefix(batch, pooled=False))[1]
+            for threads in (1, 2):  # the trunk splits its tokens, the flow its layers, between the two
+                torch.set_num_threads(threads)
+                outs.append((*trunk(tokens, mask, d), flow(cache, noise, 4)))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))

@@ -208,6 +208,7 @@ class FusedFlow:
             [cache.values[i][0].float().contiguous() for i in reads], cache.mask[0].float(),
             self._step_terms(steps, action_mask), self.out_term, prefix_actions[0].float().contiguous(),
             prefix_weights[0].float().contiguous(), action_mask, self.heads, self.head_dim, steps,
+            torch.get_num_threads(),
         )[None]  # fmt: skip
 
 

@@ -199,7 +199,8 @@ class Trunk {
 torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, std::vector<double> eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
-                       torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps);
+                       torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps,
+                       int64_t threads);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_flow", &amx_flow, "the action expert's flow loop on AMX");
