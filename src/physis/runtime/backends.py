@@ -231,11 +231,11 @@ class CompiledEngine(_LoopEngine):
         shape = (cache.batch_size, self.config.horizon, self.config.action_dim)
         device = cache.mask.device
         x = noise.float() if noise is not None else torch.randn(shape, generator=generator, device=device)
-        if prefix_actions is None or prefix_weights is None:  # all-zero weights: every step free
-            prefix_actions, prefix_weights = torch.zeros(shape, device=device), torch.zeros(shape[:2], device=device)
         if self._fused is not None and cache.batch_size == 1:
             inpainting_target(prefix_actions, prefix_weights, shape)  # checks shapes and weights
             return self._fused(cache, x, steps, prefix_actions, prefix_weights)
+        if prefix_actions is None or prefix_weights is None:  # all-zero weights: every step free
+            prefix_actions, prefix_weights = torch.zeros(shape, device=device), torch.zeros(shape[:2], device=device)
         if steps not in self._samplers:
             self._samplers[steps] = self._compile(FlowSampler(self._flow_net, steps))
         # the context (prefix + subtask) varies with the instruction and the subtask; padded with masked keys to a

@@ -138,6 +138,11 @@ def block_weights(block: torch.nn.Module) -> list[torch.Tensor]:
     ]
 
 
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous float32, without a library call where it already is (most of a chunk's inputs are)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def _kernel_tensors(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return [w.detach().float().contiguous() if w.dtype != torch.bfloat16 else w for w in weights]
 
@@ -172,6 +177,7 @@ class FusedFlow:
         self.eps = eps
         self.out_term = (model.action_time[2].bias + model.action_pos[: cfg.horizon]).detach().float().contiguous()
         self._terms: dict[tuple, torch.Tensor] = {}
+        self._free = torch.zeros(cfg.horizon, cfg.action_dim), torch.zeros(cfg.horizon)  # no inpainting target
         kernel()  # build now, not inside the first chunk
 
     def _step_terms(self, steps: int, action_mask: torch.Tensor) -> torch.Tensor:
@@ -197,18 +203,16 @@ class FusedFlow:
         with its inpainting hook (no target: every step free)."""
         if noise.shape[0] != 1 or cache.batch_size != 1:
             raise ValueError("FusedFlow: the kernel runs batch 1")
-        h, a = self.model.config.horizon, self.model.config.action_dim
-        if prefix_actions is None or prefix_weights is None:
-            prefix_actions, prefix_weights = torch.zeros(1, h, a), torch.zeros(1, h)
+        if prefix_actions is None or prefix_weights is None:  # every step free
+            target, weight = self._free
+        else:
+            target, weight = _float32(prefix_actions[0]), _float32(prefix_weights[0])
         reads = self.model.config.expert_reads
         action_mask = cache.action_mask[0].float()
         return kernel().amx_flow(
-            noise[0].float().contiguous(), self.weights, self.eps,
-            [cache.keys[i][0].float().contiguous() for i in reads],
-            [cache.values[i][0].float().contiguous() for i in reads], cache.mask[0].float(),
-            self._step_terms(steps, action_mask), self.out_term, prefix_actions[0].float().contiguous(),
-            prefix_weights[0].float().contiguous(), action_mask, self.heads, self.head_dim, steps,
-            torch.get_num_threads(),
+            _float32(noise[0]), self.weights, self.eps, [_float32(cache.keys[i]) for i in reads],
+            [_float32(cache.values[i]) for i in reads], cache.mask[0].float(), self._step_terms(steps, action_mask),
+            self.out_term, target, weight, action_mask, self.heads, self.head_dim, steps, torch.get_num_threads(),
         )[None]  # fmt: skip
 
 

@@ -132,7 +132,7 @@ void wait_for(const std::atomic<int>& flag, int value) {
 
 // One chunk's flow loop. Weights: per layer [ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc1, fc1_b,
 // fc2, fc2_b] (matmul weights packed bf16 tiles, the rest float32), then [w_x, w_out, norm_w, norm_b, out, out_b].
-// Context per layer: keys and values (heads, n, 32) float32; valid (n) float32, 1 where a key may be attended.
+// Context per layer: keys and values ([1,] heads, n, 32) float32; valid (n) float32, 1 where a key may be attended.
 // threads: 1, or 2 to split the layers between two cores (more are not used).
 torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, std::vector<double> eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
@@ -177,7 +177,10 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   for (int j = 0; j < n_ctx; ++j) f.kbias[j] = ok[j] > 0.f ? 0.f : -INFINITY;
   std::fill(f.kbias.begin() + f.ctx, f.kbias.begin() + f.ctx + T, 0.f);
   for (int l = 0; l < L; ++l)
-    TORCH_CHECK(keys[l].size(1) == n_ctx && values[l].size(1) == n_ctx, "amx_flow: context length mismatch");
+    for (const auto* c : {&keys[l], &values[l]})
+      TORCH_CHECK(c->size(-2) == n_ctx && c->numel() == heads * n_ctx * 32 && c->is_contiguous() &&
+                      c->scalar_type() == torch::kFloat32,
+                  "amx_flow: each layer's context must be contiguous float32 (heads, n, 32), n as valid's");
   f.kpack.resize(L);
   f.vpack.resize(L);
 
