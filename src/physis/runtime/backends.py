@@ -15,9 +15,10 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
              frozen in and its matmuls on inductor's C++ GEMM template (FROZEN_AMX); elsewhere the flow loop is
              float32 (its ~20 matmuls a step are too small for bf16 library calls to pay for their conversions).
              Each graph compiles on first use (10-70 s per input shape on 2 cores, 40-130 s with FROZEN_AMX)
-  fused      compile-bf16's prefix graphs, and the flow loop as one hand-written AMX kernel
-             (`physis.runtime.fused`: a chunk's K steps in one call, weights packed once); CPUs with AMX only.
-             Batches of more than one observation take compile-bf16's flow graph
+  fused      the trunk over the prefix (with the draft check) and the flow loop as hand-written AMX kernels
+             (`physis.runtime.fused`: one call each per chunk, weights packed once, both cores), after a
+             compile-bf16 graph that only tokenizes the observation; CPUs with AMX only. Batches of more than one
+             observation take compile-bf16's graphs
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
