@@ -158,6 +158,8 @@ def test_the_trunk_kernel_encodes_and_checks_a_draft_as_the_eager_model_does(mod
         ref_k, ref_v, _ = PrefixEncoder(model)(*inputs)
         keys, values, pred, gap = trunk(tokens[:, : mask.shape[1]], mask)
         assert _close(keys, ref_k) and _close(values, ref_v) and pred.shape == gap.shape == (1, 0)
+        with pytest.raises(RuntimeError, match="outside the vocabulary"):  # the kernel reads no logit out of range
+            trunk(tokens, mask, torch.full_like(d, 10_000))
 
 
 @needs_amx

@@ -7,10 +7,10 @@ core: matmuls as bf16 tile products against weights packed once per engine, acti
 bf16 where they enter a matmul), attention over the prefix's cached keys and values, which are packed once per
 chunk, with each step's 16 action keys and values written into their own tiles.
 
-The prefix's trunk (`FusedTrunk`, `kernels/amx_trunk.cpp`) is the same idea at ~170 tokens: every block in one
-call, both cores each taking whole tiles of tokens, with one barrier per block (its keys and values are shared);
-the two tiles of rows a matmul takes at once let each weight tile loaded serve 32 tokens. It checks a subtask
-draft in the same pass, as `PrefixDraftEncoder` does.
+With two threads the flow loop's layers are split between the cores, so that each core's cache holds its own
+layers' weights and context. The prefix's trunk (`FusedTrunk`, `kernels/amx_trunk.cpp`) is the same idea at ~170
+tokens: every block in one call, both cores each taking whole tiles of tokens, with one barrier per block (its keys
+and values are shared). It checks a subtask draft in the same pass, as `PrefixDraftEncoder` does.
 
 The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then cached)
 and run only where the CPU has AMX and the model has their shapes (`supports()`, `trunk_supports()` say why not):
@@ -225,19 +225,19 @@ class FusedTrunk:
         if why is not None:
             raise RuntimeError(f"FusedTrunk: {why}")
         cfg = model.config
-        self.model, self.layers = model, cfg.depth
+        self.model = model
         weights: list[torch.Tensor] = []
         eps: list[float] = []
         with torch.no_grad():
             for block in model.blocks:
                 weights += block_weights(block)
                 eps += [block.norm1.eps, block.norm2.eps]
-            if cfg.subtask:  # the subtask head, its rows padded to a whole number of tile pairs
+            if cfg.subtask:  # the subtask head, its rows padded to whole tiles
                 head_w, head_b = model.subtask_out.weight, model.subtask_out.bias
             else:
                 head_w, head_b = torch.zeros(1, cfg.width), torch.zeros(1)
-            self.vocab = pad = head_w.shape[0]
-            pad = -pad % 32
+            self.vocab = head_w.shape[0]
+            pad = -self.vocab % 16
             weights += [model.norm.weight, model.norm.bias, pack_b(F.pad(head_w.float(), (0, 0, 0, pad))),
                         F.pad(head_b.float(), (0, pad))]
             eps.append(model.norm.eps)

@@ -4,7 +4,7 @@
 // millisecond, behind some hundred library and generated-kernel calls. Here one call runs every block: each thread
 // takes a share of the tokens (whole tiles of 16 rows) through LayerNorm, the qkv matmul and into the shared packed
 // keys and values; after one barrier per block it runs its tokens' attention, projection and MLP, which need no one
-// else's rows. Matmuls take two row tiles at a time, so each weight tile loaded serves 32 tokens.
+// else's rows.
 #include <omp.h>
 
 #include <algorithm>
@@ -52,6 +52,11 @@ class Trunk {
                 "amx_trunk: x must be contiguous float32 (N, width)");
     const int N = x.size(0), p = valid.size(0), n = N - p;
     TORCH_CHECK(n >= 0 && draft.size(0) == n, "amx_trunk: x holds the prefix and the draft's tokens");
+    TORCH_CHECK(valid.scalar_type() == torch::kFloat32 && valid.is_contiguous() &&
+                    draft.scalar_type() == torch::kInt64 && draft.is_contiguous(),
+                "amx_trunk: valid must be contiguous float32, draft contiguous int64");
+    const int64_t* ids = draft.data_ptr<int64_t>();
+    for (int i = 0; i < n; ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < V_, "amx_trunk: a draft id outside the vocabulary");
     const int tiles = (N + 15) / 16, Np = tiles * 16, nkp = (Np + 31) / 32 * 32;
     const int first_draft_tile = n > 0 ? p / 16 : tiles;  // the last block runs tiles from here on
 
@@ -166,7 +171,6 @@ class Trunk {
                       norm_eps_, a16.data());
       gemm_rows(a16.data(), D_, tiles - first_draft_tile, out_w_, D_, VO_, logits.data(), VO_);
       _tile_release();
-      const int64_t* ids = draft.data_ptr<int64_t>();
       for (int i = 0; i + 1 < n; ++i) {
         const float* z = logits.data() + static_cast<size_t>(p + i - first_draft_tile * 16) * VO_;
         int best = -1;
