@@ -134,7 +134,8 @@ def bench_latency(cfg: LatencyBenchConfig) -> None:
     from physis.runtime.bench_latency import run
 
     r = run(cfg)
-    table = Table(title=f"physis bench latency: ms per chunk, batch 1, {r['threads']} threads")
+    pause = f", {cfg.pause_ms:g} ms idle before each chunk" if cfg.pause_ms else ""
+    table = Table(title=f"physis bench latency: ms per chunk, batch 1, {r['threads']} threads{pause}")
     for col in ("preset", "backend", "steps", "cache", "p50", "p90", "p99", "GFLOP", "floor ms", "x floor"):
         table.add_column(col, justify="left" if col in ("preset", "backend") else "right")
     for x in r["results"]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from physis.runtime.bench_latency import LatencyBenchConfig, count_flops, matmul_floor_ms, run
@@ -68,3 +69,18 @@ def test_the_device_is_recorded(tmp_path) -> None:
     cfg = LatencyBenchConfig(out=tmp_path, presets=("tiny",), steps=(1,), cache=(True,), backends=("eager",),
                              image_size=32, repeats=1, seconds=0.1, warmup=0, threads=1, progress=False, device="cpu")
     assert run(cfg)["machine"]["device"] == "cpu"
+
+
+def test_a_pause_before_each_timed_chunk_is_slept_and_recorded(tmp_path, monkeypatch) -> None:
+    import physis.runtime.bench_latency as bench
+
+    slept: list[float] = []
+    monkeypatch.setattr(bench.time, "sleep", slept.append)
+    cfg = LatencyBenchConfig(out=tmp_path, presets=("tiny",), steps=(1,), cache=(True,), backends=("eager",),
+                             image_size=32, repeats=3, seconds=5.0, warmup=1, threads=1, pause_ms=20,
+                             progress=False)
+    result = run(cfg)
+    assert result["config"]["pause_ms"] == 20 and result["results"][0]["repeats"] == 3
+    assert slept == [0.02] * 3  # before each timed chunk, not the warm-up
+    with pytest.raises(ValueError, match="pause-ms"):
+        run(LatencyBenchConfig(out=tmp_path, presets=("tiny",), pause_ms=-1, progress=False))

@@ -78,6 +78,9 @@ class LatencyBenchConfig:
     """Timed chunks per configuration (at most), taken 5 at a time, round-robin over the configurations."""
     seconds: float = 10.0
     """Time budget per configuration: it gets no more chunks once spent (after at least 5)."""
+    pause_ms: float = 0.0
+    """Idle milliseconds before each timed chunk, as a control loop leaves between requests (0: back to back). An
+    idle core's caches go cold, so a chunk after a pause takes longer than one right after another."""
     warmup: int = 3
     onnx_dir: Path | None = None
     """Where exported ONNX graphs are kept (per preset) and reused by the next run; default OUT/onnx."""
@@ -89,6 +92,8 @@ class LatencyBenchConfig:
 
 def run(cfg: LatencyBenchConfig) -> dict[str, Any]:
     """Time every configuration; writes cfg.out/results.json and returns its content."""
+    if cfg.pause_ms < 0:
+        raise ValueError(f"bench latency: --pause-ms must be >= 0, got {cfg.pause_ms}")
     unknown = sorted(set(cfg.backends) - set(BACKENDS))
     if unknown:
         raise ValueError(f"bench latency: unknown backends {unknown}; expected some of {BACKENDS}")
@@ -211,6 +216,8 @@ class _Timer:
         for _ in range(n):
             if len(self.wall) >= self.cfg.repeats or (len(self.wall) >= 5 and sum(self.wall) > 1e3 * self.cfg.seconds):
                 return
+            if self.cfg.pause_ms:
+                time.sleep(self.cfg.pause_ms / 1e3)  # not timed
             t0, c0 = time.perf_counter(), time.process_time()
             self.fn()
             _sync(self.device)  # a GPU chunk is done when its kernels are, not when they are queued
