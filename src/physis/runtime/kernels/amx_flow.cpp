@@ -184,11 +184,12 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   f.kpack.resize(L);
   f.vpack.resize(L);
 
-  const int team = threads >= 2 && L >= 2 ? 2 : 1, split = (L + 1) / 2;
+  const int split = (L + 1) / 2;
   std::atomic<int> h_ready{-1}, x_ready{-1};  // the last step whose h (first half done) or x (step done) is out
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(threads >= 2 && L >= 2 ? 2 : 1)
   {
-    const int tid = omp_get_thread_num();
+    // the team OpenMP gives, which may be smaller than asked (a thread limit, a nested region)
+    const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     const int l0 = team == 1 || tid == 0 ? 0 : split, l1 = team == 1 || tid == 1 ? L : split;
     for (int l = l0; l < l1; ++l) f.pack_context(l, f32(keys[l]), f32(values[l]), n_ctx);
     Scratch s(f.W, f.H, f.D, f.AO, f.AP, f.nkp);
