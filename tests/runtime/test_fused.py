@@ -4,6 +4,8 @@ weights)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -203,3 +205,27 @@ def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model) -> None
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+
+
+@needs_amx
+def test_the_flow_kernel_runs_when_openmp_gives_fewer_threads_than_asked(tmp_path) -> None:
+    # a thread limit hands the kernel a team of one where it asked for two: one thread must then run every layer
+    script = tmp_path / "one_thread.py"
+    script.write_text(
+        "import torch\n"
+        "from physis.model import ModelConfig, PhysisModel\n"
+        "from physis.runtime.export import example_batch\n"
+        "from physis.runtime.fused import FusedFlow\n"
+        "torch.manual_seed(0)\n"
+        "torch.set_num_threads(2)\n"
+        "cfg = ModelConfig.preset('tiny', image_size=32, action_dim=7, state_dim=5, heads=2, expert_width=64)\n"
+        "model = PhysisModel(cfg).eval()\n"
+        "batch = example_batch(model)\n"
+        "with torch.inference_mode():\n"
+        "    cache = model.encode_prefix(batch, pooled=False)\n"
+        "    out = FusedFlow(model)(cache, torch.randn(1, 16, 7), 3)\n"
+        "print('ok', bool(out.isfinite().all()))\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ok True" in done.stdout, done.stderr[-2000:]
