@@ -58,24 +58,23 @@ def supports(model: PhysisModel) -> str | None:
         return "the model has the mse action head"
     if cfg.horizon != TOKENS:
         return f"the kernel runs chunks of {TOKENS} steps, the model's horizon is {cfg.horizon}"
-    if cfg.width // cfg.heads != 32:
-        return f"the kernel's heads are 32 wide, the model's {cfg.width // cfg.heads}"
-    if cfg.expert_width % 32 or int(cfg.expert_width * cfg.expert_mlp_ratio) % 32:
-        return "the expert's widths are not multiples of 32"
-    if not amx_cpu():
-        return "the CPU has no AMX tiles"
-    return None
+    return _tiles_fit(model, "expert", cfg.expert_width, cfg.expert_mlp_ratio)
 
 
 def trunk_supports(model: PhysisModel) -> str | None:
     """None when the trunk kernel can run `model`'s prefix on this machine, else why not."""
-    cfg = model.config
     if model.backbone is not None:
         return "the prefix runs through a pretrained backbone"
+    return _tiles_fit(model, "trunk", model.config.width, model.config.mlp_ratio)
+
+
+def _tiles_fit(model: PhysisModel, part: str, width: int, mlp_ratio: float) -> str | None:
+    """What both kernels need: heads 32 wide, a `part` whose widths are whole tiles, and AMX."""
+    cfg = model.config
     if cfg.width // cfg.heads != 32:
         return f"the kernel's heads are 32 wide, the model's {cfg.width // cfg.heads}"
-    if cfg.width % 32 or int(cfg.width * cfg.mlp_ratio) % 32:
-        return "the trunk's widths are not multiples of 32"
+    if width % 32 or int(width * mlp_ratio) % 32:
+        return f"the {part}'s widths are not multiples of 32"
     if not amx_cpu():
         return "the CPU has no AMX tiles"
     return None
@@ -119,23 +118,30 @@ def pack_b(w: torch.Tensor) -> torch.Tensor:
     return w.view(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous().to(torch.bfloat16).flatten()
 
 
-def block_weights(block: torch.nn.Module) -> list[torch.Tensor]:
-    """A Block's weights in the kernels' order: matmul weights packed (`pack_b`), the rest float32."""
-    mlp = block.mlp
-    return [
-        block.norm1.weight,
-        block.norm1.bias,
-        pack_b(block.qkv.weight),
-        block.qkv.bias,
-        pack_b(block.proj.weight),
-        block.proj.bias,
-        block.norm2.weight,
-        block.norm2.bias,
-        pack_b(mlp[0].weight),
-        mlp[0].bias,
-        pack_b(mlp[2].weight),
-        mlp[2].bias,
-    ]
+def blocks_weights(blocks: torch.nn.ModuleList) -> tuple[list[torch.Tensor], list[float]]:
+    """Blocks' weights in the kernels' order, 12 per block (matmul weights packed by `pack_b`, the rest float32),
+    and their LayerNorms' eps, 2 per block."""
+    weights: list[torch.Tensor] = []
+    eps: list[float] = []
+    with torch.no_grad():
+        for block in blocks:
+            mlp = block.mlp
+            weights += [
+                block.norm1.weight,
+                block.norm1.bias,
+                pack_b(block.qkv.weight),
+                block.qkv.bias,
+                pack_b(block.proj.weight),
+                block.proj.bias,
+                block.norm2.weight,
+                block.norm2.bias,
+                pack_b(mlp[0].weight),
+                mlp[0].bias,
+                pack_b(mlp[2].weight),
+                mlp[2].bias,
+            ]
+            eps += [block.norm1.eps, block.norm2.eps]
+    return weights, eps
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
@@ -157,12 +163,8 @@ class FusedFlow:
         self.model = model
         cfg = model.config
         self.heads, self.head_dim = cfg.heads, cfg.width // cfg.heads
-        weights: list[torch.Tensor] = []
-        eps: list[float] = []
+        weights, eps = blocks_weights(model.expert)
         with torch.no_grad():
-            for block in model.expert:
-                weights += block_weights(block)
-                eps += [block.norm1.eps, block.norm2.eps]
             w_x = model._action_token_terms(torch.ones(1, cfg.action_dim), [1.0])[0]  # as the flow loop folds it
             weights += [
                 pack_b(w_x),
@@ -226,12 +228,8 @@ class FusedTrunk:
             raise RuntimeError(f"FusedTrunk: {why}")
         cfg = model.config
         self.model = model
-        weights: list[torch.Tensor] = []
-        eps: list[float] = []
+        weights, eps = blocks_weights(model.blocks)
         with torch.no_grad():
-            for block in model.blocks:
-                weights += block_weights(block)
-                eps += [block.norm1.eps, block.norm2.eps]
             if cfg.subtask:  # the subtask head, its rows padded to whole tiles
                 head_w, head_b = model.subtask_out.weight, model.subtask_out.bias
             else:
