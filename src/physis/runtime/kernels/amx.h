@@ -44,25 +44,28 @@ inline void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-inline __m512 exp512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);  // 2^t = 2^n 2^f, f in [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+constexpr float LOG2E = 1.44269504088896341f;
+
+// 2^x, a degree-3 fit on the fraction: relative error under 8e-5, far below the bf16 rounding that everything it
+// feeds goes through (softmax weights into P V, activations into the next matmul). x = -inf gives 0 where
+// `clamp` (-126 from below); without it x must be finite. Overflow gives inf.
+template <bool clamp = true>
+inline __m512 exp2_fast(__m512 x) {
+  if (clamp) x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);  // 2^x = 2^n 2^f, f in [-0.5, 0.5]
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.05508876703270117f), f, _mm512_set1_ps(0.242604655908052f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6932762833317916f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999289048197653f));
   return _mm512_scalef_ps(p, n);
 }
 
-// 1 / x to float32 precision: the 14-bit estimate and one Newton step (a division is several times slower)
-inline __m512 recip(__m512 x) {
-  const __m512 r = _mm512_rcp14_ps(x);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(x, r, _mm512_set1_ps(2.f)));
+// z / (1 + 2^(k z)): SiLU with k = -log2(e), and the tanh form of GELU with k = -2 log2(e) sqrt(2 / pi) (1 +
+// 0.044715 z^2), for a result that is rounded to bf16 next: the reciprocal's 14-bit estimate is enough, and an
+// overflowing 2^ gives z * 0 rather than a NaN
+inline __m512 z_sigmoid(__m512 z, __m512 kz) {
+  const __m512 e = exp2_fast<false>(kz);
+  return _mm512_mul_ps(z, _mm512_rcp14_ps(_mm512_add_ps(_mm512_set1_ps(1.f), e)));
 }
 
 // float32 -> bf16 (round to nearest even), n a multiple of 16
@@ -180,20 +183,21 @@ inline void add_residual(float* h, const float* y, int rows, int N, const float*
     }
 }
 
-// y = GELU(y + bias) in place (rows x N), tanh form: 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u))
+// y = GELU(y + bias) in place (rows x N), tanh form: 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u)), u = sqrt(2 / pi)
+// (z + 0.044715 z^3)
 inline void bias_gelu(float* y, int rows, int N, const float* bias) {
-  const __m512 c = _mm512_set1_ps(0.7978845608028654f), c3 = _mm512_set1_ps(0.044715f);
+  const float k = -2.f * LOG2E * 0.7978845608028654f;
+  const __m512 k1 = _mm512_set1_ps(k), k3 = _mm512_set1_ps(k * 0.044715f);
   for (int i = 0; i < rows; ++i)
     for (int j = 0; j < N; j += 16) {
       float* p = y + static_cast<size_t>(i) * N + j;
       const __m512 z = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(bias + j));
-      const __m512 u = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(c3, z), _mm512_mul_ps(z, z), z));
-      const __m512 e = exp512(_mm512_mul_ps(_mm512_set1_ps(-2.f), u));
-      _mm512_storeu_ps(p, _mm512_mul_ps(z, recip(_mm512_add_ps(_mm512_set1_ps(1.f), e))));
+      _mm512_storeu_ps(p, z_sigmoid(z, _mm512_mul_ps(z, _mm512_fmadd_ps(k3, _mm512_mul_ps(z, z), k1))));
     }
 }
 
-// A head's 16 queries (rows of 32 float32, row stride ld) times `scale`, as one bf16 A tile (16 x 32)
+// A head's 16 queries (rows of 32 float32, row stride ld) times `scale`, as one bf16 A tile (16 x 32). With
+// scale = log2(e) / sqrt(32) the scores come out in base 2, as `softmax_row` takes them.
 inline void pack_queries(const float* q, int ld, float scale, bf16* out) {
   const __m512 sc = _mm512_set1_ps(scale);
   for (int i = 0; i < T; ++i) {
@@ -204,8 +208,8 @@ inline void pack_queries(const float* q, int ld, float scale, bf16* out) {
   }
 }
 
-// One row of softmax without its division: s (nk scores, plus `bias`: 0 or -inf per key) -> p = exp(s - max) in
-// bf16, zero from nk to nkp; returns 1 / sum, by which the row's output is scaled after P V.
+// One row of softmax without its division: s (nk scores in base 2, plus `bias`: 0 or -inf per key) -> p = 2^(s -
+// max) in bf16, zero from nk to nkp; returns 1 / sum, by which the row's output is scaled after P V.
 inline float softmax_row(float* s, const float* bias, int nk, int nkp, bf16* p) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
   for (int j = 0; j < nk; j += 16) {
@@ -216,7 +220,7 @@ inline float softmax_row(float* s, const float* bias, int nk, int nkp, bf16* p) 
   const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < nk; j += 16) {
-    const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    const __m512 e = exp2_fast(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
     sum = _mm512_add_ps(sum, e);
     __m256bh eh = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), reinterpret_cast<__m256i&>(eh));

@@ -63,8 +63,7 @@ struct Flow {
       for (int j = 0; j < D; j += 16) {
         const __m512 z = _mm512_add_ps(_mm512_loadu_ps(s.tmp.data() + i * D + j),
                                        _mm512_loadu_ps(terms + step * D + j));
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), z));
-        _mm512_storeu_ps(s.tmp.data() + i * D + j, _mm512_mul_ps(z, recip(_mm512_add_ps(_mm512_set1_ps(1.f), e))));
+        _mm512_storeu_ps(s.tmp.data() + i * D + j, z_sigmoid(z, _mm512_mul_ps(_mm512_set1_ps(-LOG2E), z)));
       }
     to_bf16(s.tmp.data(), s.a16.data(), T * D);
     gemm16(s.a16.data(), D, w_out, D, D, h, D);
@@ -165,7 +164,7 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   f.out_t = f32(out_term);
   f.tgt = f32(target);
   f.wt = f32(weight);
-  f.scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+  f.scale = LOG2E / std::sqrt(static_cast<float>(head_dim));  // scores in base 2
   f.dt = 1.f / steps;
 
   torch::Tensor x_out = noise.clone();

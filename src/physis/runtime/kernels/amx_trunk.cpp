@@ -92,7 +92,7 @@ class Trunk {
       const size_t cap = std::max({rows, (d1 - d0) * 16, 16});
       std::vector<bf16> a16(cap * std::max({D_, W_, H_})), p16(16 * nkp), q16(16 * 32);
       std::vector<float> tmp(cap * std::max(3 * W_, H_)), att(cap * W_), scores(16 * nkp);
-      const float scale = 1.f / std::sqrt(32.f);
+      const float scale = LOG2E / std::sqrt(32.f);  // scores in base 2, as softmax_row takes them
       for (int l = 0; l < L_; ++l) {
         const Layer& ly = layers_[l];
         bf16 *kp = kpack.data() + (l % 2) * heads_ * kstride, *vp = vpack.data() + (l % 2) * heads_ * vstride;
