@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target, padded_draft
+from physis.model.physis_model import PhysisModel, inpainting_step, inpainting_target, padded_draft_rows
 from physis.model.text import pad_text_tokens
 from physis.model.trunk import PrefixCache
 from physis.model.vocab import BOS, EOS, PAD
@@ -291,7 +291,9 @@ class CompiledEngine(_LoopEngine):
             return super().reason(batch, draft)
         batch = self._graph_inputs(batch)
         n = self.config.max_subtask_tokens
-        d, last = padded_draft(draft, n, batch["state"].device)
+        # the draft's bookkeeping runs on lists: a dozen ids a row, where each library call would cost ~10 us
+        rows, last = padded_draft_rows(draft.tolist(), n)
+        d = torch.tensor(rows, dtype=torch.long, device=batch["state"].device)
         if self._on_trunk_kernel(batch):
             tokens, mask, *env_state = self._draft_tokens(*(batch[k] for k in BATCH_KEYS), d)
             keys, values, pred, gap = self._trunk(tokens, mask, d)
@@ -299,13 +301,14 @@ class CompiledEngine(_LoopEngine):
             keys, values, mask, pred, gap, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
         estimate = env_state[0] if env_state else None
         action_mask, p = batch["action_mask"].bool(), mask.shape[1]
-        # leading draft tokens the decode reproduces, or nearly: one within DRAFT_TIE of the best logit counts
-        agree = ((pred == d[:, 1:]) | (gap <= DRAFT_TIE)).int().cumprod(1).sum(1)
-        if bool((agree >= last).all()):
-            ids = torch.where(torch.arange(n, device=d.device) <= last[:, None], d, PAD)
-            cache = stacked_cache(keys, values, torch.cat([mask, ids != PAD], 1), action_mask, prefix_len=p)
-            cache.subtask_ids, cache.env_state = ids, estimate
-            return ids, cache
+        # the draft stands where the decode reproduces it up to its EOS, or nearly: a token within DRAFT_TIE of the
+        # best logit counts
+        if all(draft_agrees(*row) for row in zip(rows, last, pred.tolist(), gap.tolist(), strict=True)):
+            ids = [[t if j <= end else PAD for j, t in enumerate(row)] for row, end in zip(rows, last, strict=True)]
+            ids_t = torch.tensor(ids, dtype=torch.long, device=d.device)
+            cache = stacked_cache(keys, values, torch.cat([mask, ids_t != PAD], 1), action_mask, prefix_len=p)
+            cache.subtask_ids, cache.env_state = ids_t, estimate
+            return ids_t, cache
         prefix = stacked_cache(keys[..., :p, :], values[..., :p, :], mask, action_mask)
         prefix.env_state = estimate
         return self.generate_subtask(prefix, draft)
@@ -492,6 +495,12 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         engine = OnnxEngine(model, int8=backend == "onnx-int8", **options)
     engine.backend = backend
     return engine
+
+
+def draft_agrees(draft: list[int], last: int, pred: list[int], gap: list[float]) -> bool:
+    """Whether a decode reproduces a padded draft (BOS w..) through its `last` position: at each position before it
+    the greedy next token (pred) is the draft's, or the draft's falls behind it by at most DRAFT_TIE (gap)."""
+    return all(p == t or g <= DRAFT_TIE for p, t, g in zip(pred[:last], draft[1 : last + 1], gap[:last], strict=True))
 
 
 def with_action_mask(batch: Batch, action_dim: int) -> Batch:

@@ -149,6 +149,11 @@ def _float32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
 
+def _bool(t: torch.Tensor) -> torch.Tensor:
+    """t as contiguous bool, as the kernels take masks, without a library call where it already is."""
+    return t if t.dtype == torch.bool and t.is_contiguous() else t.bool().contiguous()
+
+
 def _kernel_tensors(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return [w.detach().float().contiguous() if w.dtype != torch.bfloat16 else w for w in weights]
 
@@ -210,10 +215,10 @@ class FusedFlow:
         else:
             target, weight = _float32(prefix_actions[0]), _float32(prefix_weights[0])
         reads = self.model.config.expert_reads
-        action_mask = cache.action_mask[0].float()
+        action_mask = _bool(cache.action_mask[0])
         return kernel().amx_flow(
             _float32(noise[0]), self.weights, self.eps, [_float32(cache.keys[i]) for i in reads],
-            [_float32(cache.values[i]) for i in reads], cache.mask[0].float(), self._step_terms(steps, action_mask),
+            [_float32(cache.values[i]) for i in reads], _bool(cache.mask[0]), self._step_terms(steps, action_mask),
             self.out_term, target, weight, action_mask, self.heads, self.head_dim, steps, torch.get_num_threads(),
         )[None]  # fmt: skip
 
@@ -239,6 +244,7 @@ class FusedTrunk:
             weights += [model.norm.weight, model.norm.bias, pack_b(F.pad(head_w.float(), (0, 0, 0, pad))),
                         F.pad(head_b.float(), (0, pad))]
             eps.append(model.norm.eps)
+        self._no_draft = torch.zeros(0, dtype=torch.long)
         self.trunk = kernel().Trunk(_kernel_tensors(weights), eps, cfg.heads, cfg.width // cfg.heads, cfg.width,
                                     int(cfg.width * cfg.mlp_ratio), self.vocab)
 
@@ -251,7 +257,5 @@ class FusedTrunk:
         float32 and, as `PrefixDraftEncoder`, pred (1, n - 1) and gap (1, n - 1)."""
         if tokens.shape[0] != 1:
             raise ValueError("FusedTrunk: the kernel runs batch 1")
-        ids = torch.zeros(0, dtype=torch.long) if draft is None else draft[0].long().contiguous()
-        keys, values, pred, gap = self.trunk.run(tokens[0].float().contiguous(), mask[0].float().contiguous(), ids,
-                                                 PAD, BOS, torch.get_num_threads())
-        return keys[:, None], values[:, None], pred[None], gap[None]
+        ids = self._no_draft if draft is None else draft[0].long().contiguous()
+        return tuple(self.trunk.run(_float32(tokens[0]), _bool(mask[0]), ids, PAD, BOS, torch.get_num_threads()))

@@ -131,7 +131,8 @@ void wait_for(const std::atomic<int>& flag, int value) {
 
 // One chunk's flow loop. Weights: per layer [ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc1, fc1_b,
 // fc2, fc2_b] (matmul weights packed bf16 tiles, the rest float32), then [w_x, w_out, norm_w, norm_b, out, out_b].
-// Context per layer: keys and values ([1,] heads, n, 32) float32; valid (n) float32, 1 where a key may be attended.
+// Context per layer: keys and values ([1,] heads, n, 32) float32; valid (n) bool, true where a key may be attended;
+// action_mask (A) bool, the body's action slots.
 // threads: 1, or 2 to split the layers between two cores (more are not used).
 torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, std::vector<double> eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
@@ -171,9 +172,12 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   f.x = x_out.data_ptr<float>();
   std::vector<float> h(T * f.D);
   f.h = h.data();
-  const float* ok = f32(valid);
+  TORCH_CHECK(valid.scalar_type() == torch::kBool && valid.is_contiguous() &&
+                  action_mask.scalar_type() == torch::kBool && action_mask.is_contiguous() && action_mask.numel() == f.A,
+              "amx_flow: valid and action_mask must be contiguous bool, action_mask one per action dimension");
+  const bool* ok = valid.data_ptr<bool>();
   f.kbias.assign(f.nkp, -INFINITY);
-  for (int j = 0; j < n_ctx; ++j) f.kbias[j] = ok[j] > 0.f ? 0.f : -INFINITY;
+  for (int j = 0; j < n_ctx; ++j) f.kbias[j] = ok[j] ? 0.f : -INFINITY;
   std::fill(f.kbias.begin() + f.ctx, f.kbias.begin() + f.ctx + T, 0.f);
   for (int l = 0; l < L; ++l)
     for (const auto* c : {&keys[l], &values[l]})
@@ -210,9 +214,9 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
     _tile_release();
     _mm_setcsr(csr);
   }
-  const float* amask = f32(action_mask);
+  const bool* amask = action_mask.data_ptr<bool>();
   float* x = f.x;
   for (int i = 0; i < T; ++i)
-    for (int j = 0; j < f.A; ++j) x[i * f.A + j] = (f.wt[i] == 1.f ? f.tgt[i * f.A + j] : x[i * f.A + j]) * amask[j];
+    for (int j = 0; j < f.A; ++j) x[i * f.A + j] = amask[j] ? (f.wt[i] == 1.f ? f.tgt[i * f.A + j] : x[i * f.A + j]) : 0.f;
   return x_out;
 }

@@ -39,11 +39,11 @@ class Trunk {
     norm_eps_ = static_cast<float>(eps[2 * L_]);
   }
 
-  // x (N, D) float32: the prefix's p tokens, then n draft tokens (n may be 0); valid (p) float32, 1 where a prefix
+  // x (N, D) float32: the prefix's p tokens, then n draft tokens (n may be 0); valid (p) bool, true where a prefix
   // key may be attended; draft (n) int64, the draft's ids. Prefix tokens attend to the valid prefix keys, draft
   // tokens also to the draft's tokens up to themselves. The last block runs only the draft's tokens on (the
-  // prefix's last hidden states feed nothing an engine reads). Returns keys and values (L, heads, N, 32) float32,
-  // and for draft positions 0..n-2 the greedy next token (never pad_id or bos_id) and how far the draft's next
+  // prefix's last hidden states feed nothing an engine reads). Returns keys and values (L, 1, heads, N, 32) float32
+  // (batch 1, as an engine's cache holds them), and for draft positions 0..n-2 (as (1, n - 1)) the greedy next token (never pad_id or bos_id) and how far the draft's next
   // token falls behind it: (best - logit) / max(|best|, 1).
   std::vector<torch::Tensor> run(torch::Tensor x, torch::Tensor valid, torch::Tensor draft, int64_t pad_id,
                                  int64_t bos_id, int64_t threads) const {
@@ -52,22 +52,22 @@ class Trunk {
                 "amx_trunk: x must be contiguous float32 (N, width)");
     const int N = x.size(0), p = valid.size(0), n = N - p;
     TORCH_CHECK(n >= 0 && draft.size(0) == n, "amx_trunk: x holds the prefix and the draft's tokens");
-    TORCH_CHECK(valid.scalar_type() == torch::kFloat32 && valid.is_contiguous() &&
+    TORCH_CHECK(valid.scalar_type() == torch::kBool && valid.is_contiguous() &&
                     draft.scalar_type() == torch::kInt64 && draft.is_contiguous(),
-                "amx_trunk: valid must be contiguous float32, draft contiguous int64");
+                "amx_trunk: valid must be contiguous bool, draft contiguous int64");
     const int64_t* ids = draft.data_ptr<int64_t>();
     for (int i = 0; i < n; ++i) TORCH_CHECK(ids[i] >= 0 && ids[i] < V_, "amx_trunk: a draft id outside the vocabulary");
     const int tiles = (N + 15) / 16, Np = tiles * 16, nkp = (Np + 31) / 32 * 32;
     const int first_draft_tile = n > 0 ? p / 16 : tiles;  // the last block runs tiles from here on
 
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    torch::Tensor keys = torch::empty({L_, heads_, N, 32}, opts), values = torch::empty({L_, heads_, N, 32}, opts);
+    torch::Tensor keys = torch::empty({L_, 1, heads_, N, 32}, opts), values = torch::empty({L_, 1, heads_, N, 32}, opts);
     std::vector<float> h(static_cast<size_t>(Np) * D_, 0.f);
     std::memcpy(h.data(), x.data_ptr<float>(), sizeof(float) * N * D_);
     // per-key bias rows: the prefix's (0 or -inf), and one per draft token (the prefix's, plus the draft up to it)
     std::vector<float> bias(static_cast<size_t>(1 + n) * nkp, NEG_INF);
-    const float* ok = valid.data_ptr<float>();
-    for (int j = 0; j < p; ++j) bias[j] = ok[j] > 0.f ? 0.f : NEG_INF;
+    const bool* ok = valid.data_ptr<bool>();
+    for (int j = 0; j < p; ++j) bias[j] = ok[j] ? 0.f : NEG_INF;
     for (int i = 0; i < n; ++i) {
       float* row = bias.data() + static_cast<size_t>(1 + i) * nkp;
       std::copy(bias.begin(), bias.begin() + p, row);
@@ -160,8 +160,8 @@ class Trunk {
       _mm_setcsr(csr);
     }
 
-    torch::Tensor pred = torch::zeros({std::max(n - 1, 0)}, torch::TensorOptions().dtype(torch::kInt64));
-    torch::Tensor gap = torch::zeros({std::max(n - 1, 0)}, opts);
+    torch::Tensor pred = torch::zeros({1, std::max(n - 1, 0)}, torch::TensorOptions().dtype(torch::kInt64));
+    torch::Tensor gap = torch::zeros({1, std::max(n - 1, 0)}, opts);
     if (n > 1) {  // the subtask head over the draft's tokens: out(norm(h))
       const int drows = (tiles - first_draft_tile) * 16;
       std::vector<bf16> a16(static_cast<size_t>(drows) * D_);
