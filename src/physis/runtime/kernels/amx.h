@@ -140,26 +140,25 @@ inline void gemm_rows(const bf16* A, int lda, int tiles, const bf16* B, int K, i
   for (int r = 0; r < tiles; ++r) gemm16(A + r * 16 * lda, lda, B, K, N, C + r * 16 * ldc, ldc);
 }
 
-// row-wise LayerNorm of x (rows x D float32) into bf16, D a multiple of 16
+// row-wise LayerNorm of x (rows x D float32) into bf16, D a multiple of 16 (a row is in L1 after its first pass)
 inline void layer_norm_bf16(const float* x, int rows, int D, const float* w, const float* b, float eps, bf16* out) {
-  std::vector<float> row(D);
   for (int i = 0; i < rows; ++i) {
     const float* xi = x + static_cast<size_t>(i) * D;
     __m512 s = _mm512_setzero_ps();
     for (int j = 0; j < D; j += 16) s = _mm512_add_ps(s, _mm512_loadu_ps(xi + j));
-    const float mean = _mm512_reduce_add_ps(s) / D;
-    const __m512 m = _mm512_set1_ps(mean);
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(s) / D);
     __m512 v = _mm512_setzero_ps();
     for (int j = 0; j < D; j += 16) {
       const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(xi + j), m);
       v = _mm512_fmadd_ps(d, d, v);
     }
     const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(v) / D + eps));
+    bf16* oi = out + static_cast<size_t>(i) * D;
     for (int j = 0; j < D; j += 16) {
       const __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xi + j), m), r);
-      _mm512_storeu_ps(row.data() + j, _mm512_fmadd_ps(d, _mm512_loadu_ps(w + j), _mm512_loadu_ps(b + j)));
+      __m256bh h = _mm512_cvtneps_pbh(_mm512_fmadd_ps(d, _mm512_loadu_ps(w + j), _mm512_loadu_ps(b + j)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oi + j), reinterpret_cast<__m256i&>(h));
     }
-    to_bf16(row.data(), out + static_cast<size_t>(i) * D, D);
   }
 }
 
@@ -183,16 +182,17 @@ inline void add_residual(float* h, const float* y, int rows, int N, const float*
     }
 }
 
-// y = GELU(y + bias) in place (rows x N), tanh form: 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u)), u = sqrt(2 / pi)
-// (z + 0.044715 z^3)
-inline void bias_gelu(float* y, int rows, int N, const float* bias) {
+// out (bf16) = GELU(y + bias) (rows x N float32), the tanh form: 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u)), u =
+// sqrt(2 / pi) (z + 0.044715 z^3)
+inline void bias_gelu_bf16(const float* y, int rows, int N, const float* bias, bf16* out) {
   const float k = -2.f * LOG2E * 0.7978845608028654f;
   const __m512 k1 = _mm512_set1_ps(k), k3 = _mm512_set1_ps(k * 0.044715f);
   for (int i = 0; i < rows; ++i)
     for (int j = 0; j < N; j += 16) {
-      float* p = y + static_cast<size_t>(i) * N + j;
-      const __m512 z = _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(bias + j));
-      _mm512_storeu_ps(p, z_sigmoid(z, _mm512_mul_ps(z, _mm512_fmadd_ps(k3, _mm512_mul_ps(z, z), k1))));
+      const size_t at = static_cast<size_t>(i) * N + j;
+      const __m512 z = _mm512_add_ps(_mm512_loadu_ps(y + at), _mm512_loadu_ps(bias + j));
+      __m256bh h = _mm512_cvtneps_pbh(z_sigmoid(z, _mm512_mul_ps(z, _mm512_fmadd_ps(k3, _mm512_mul_ps(z, z), k1))));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + at), reinterpret_cast<__m256i&>(h));
     }
 }
 

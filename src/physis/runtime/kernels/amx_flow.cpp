@@ -101,8 +101,7 @@ struct Flow {
     add_residual(h, s.tmp.data(), T, D, ly.proj_b);
     layer_norm_bf16(h, T, D, ly.ln2_w, ly.ln2_b, ly.eps2, s.a16.data());
     gemm16(s.a16.data(), D, ly.fc1, D, H, s.tmp.data(), H);
-    bias_gelu(s.tmp.data(), T, H, ly.fc1_b);
-    to_bf16(s.tmp.data(), s.a16.data(), T * H);
+    bias_gelu_bf16(s.tmp.data(), T, H, ly.fc1_b, s.a16.data());
     gemm16(s.a16.data(), H, ly.fc2, H, D, s.tmp.data(), D);
     add_residual(h, s.tmp.data(), T, D, ly.fc2_b);
   }

@@ -151,8 +151,7 @@ class Trunk {
         add_residual(hq, tmp.data(), arows, D_, ly.proj_b);
         layer_norm_bf16(hq, arows, D_, ly.ln2_w, ly.ln2_b, ly.eps2, a16.data());
         gemm_rows(a16.data(), D_, a1 - a0, ly.fc1, D_, H_, tmp.data(), H_);
-        bias_gelu(tmp.data(), arows, H_, ly.fc1_b);
-        to_bf16(tmp.data(), a16.data(), arows * H_);
+        bias_gelu_bf16(tmp.data(), arows, H_, ly.fc1_b, a16.data());
         gemm_rows(a16.data(), H_, a1 - a0, ly.fc2, H_, D_, tmp.data(), D_);
         add_residual(hq, tmp.data(), arows, D_, ly.fc2_b);
       }
