@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from physis.model import ModelConfig, PhysisModel
+from physis.model.physis_model import padded_draft, padded_draft_rows
 from physis.model.trunk import PrefixCache
 from physis.model.vocab import BOS, EOS, PAD
 
@@ -387,3 +388,12 @@ def test_progress_has_no_loss_where_an_episode_s_true_progress_is_unknown() -> N
         assert torch.allclose(model(unknown)["progress"], model(wrong)["progress"])
         assert not torch.allclose(model(batch)["progress"], model({**batch, "progress": wrong["progress"]})["progress"])
     assert pred.shape == (3,)
+
+
+def test_padded_draft_rows_cut_pad_and_find_the_eos() -> None:
+    rows, last = padded_draft_rows([[BOS, 5, 6, EOS], [EOS, 5, 6, 7, 8, 9], [], [7, EOS, 5]], n=5)
+    assert rows == [[BOS, 5, 6, EOS, PAD], [BOS, 5, 6, 7, 8], [BOS, PAD, PAD, PAD, PAD], [BOS, EOS, 5, PAD, PAD]]
+    assert last == [3, 4, 4, 1]  # the EOS, or n - 1 without one (a leading EOS is BOS's place)
+    d, t = padded_draft(torch.tensor([[BOS, 5, 6, EOS], [BOS, 5, 6, 7]]), 6, "cpu")
+    assert d.dtype == t.dtype == torch.long
+    assert d.tolist() == [[BOS, 5, 6, EOS, PAD, PAD], [BOS, 5, 6, 7, PAD, PAD]] and t.tolist() == [3, 5]
