@@ -47,8 +47,8 @@ inline void configure_tiles() {
 constexpr float LOG2E = 1.44269504088896341f;
 
 // 2^x, a degree-3 fit on the fraction: relative error under 8e-5, far below the bf16 rounding that everything it
-// feeds goes through (softmax weights into P V, activations into the next matmul). x = -inf gives 0 where
-// `clamp` (-126 from below); without it x must be finite. Overflow gives inf.
+// feeds goes through (softmax weights into P V, activations into the next matmul). With `clamp` (x from -126 up)
+// x = -inf gives 2^-126, as good as 0 here; without it x must be finite. Overflow gives inf.
 template <bool clamp = true>
 inline __m512 exp2_fast(__m512 x) {
   if (clamp) x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));

@@ -171,8 +171,8 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   f.x = x_out.data_ptr<float>();
   std::vector<float> h(T * f.D);
   f.h = h.data();
-  TORCH_CHECK(valid.scalar_type() == torch::kBool && valid.is_contiguous() &&
-                  action_mask.scalar_type() == torch::kBool && action_mask.is_contiguous() && action_mask.numel() == f.A,
+  const bool bool_masks = valid.scalar_type() == torch::kBool && action_mask.scalar_type() == torch::kBool;
+  TORCH_CHECK(bool_masks && valid.is_contiguous() && action_mask.is_contiguous() && action_mask.numel() == f.A,
               "amx_flow: valid and action_mask must be contiguous bool, action_mask one per action dimension");
   const bool* ok = valid.data_ptr<bool>();
   f.kbias.assign(f.nkp, -INFINITY);
@@ -216,6 +216,9 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   const bool* amask = action_mask.data_ptr<bool>();
   float* x = f.x;
   for (int i = 0; i < T; ++i)
-    for (int j = 0; j < f.A; ++j) x[i * f.A + j] = amask[j] ? (f.wt[i] == 1.f ? f.tgt[i * f.A + j] : x[i * f.A + j]) : 0.f;
+    for (int j = 0; j < f.A; ++j) {
+      const float v = f.wt[i] == 1.f ? f.tgt[i * f.A + j] : x[i * f.A + j];
+      x[i * f.A + j] = amask[j] ? v : 0.f;
+    }
   return x_out;
 }

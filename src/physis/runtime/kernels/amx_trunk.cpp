@@ -43,8 +43,8 @@ class Trunk {
   // key may be attended; draft (n) int64, the draft's ids. Prefix tokens attend to the valid prefix keys, draft
   // tokens also to the draft's tokens up to themselves. The last block runs only the draft's tokens on (the
   // prefix's last hidden states feed nothing an engine reads). Returns keys and values (L, 1, heads, N, 32) float32
-  // (batch 1, as an engine's cache holds them), and for draft positions 0..n-2 (as (1, n - 1)) the greedy next token (never pad_id or bos_id) and how far the draft's next
-  // token falls behind it: (best - logit) / max(|best|, 1).
+  // (batch 1, as an engine's cache holds them), and for draft positions 0..n-2, as (1, n - 1), the greedy next token
+  // (never pad_id or bos_id) and how far the draft's next token falls behind it: (best - logit) / max(|best|, 1).
   std::vector<torch::Tensor> run(torch::Tensor x, torch::Tensor valid, torch::Tensor draft, int64_t pad_id,
                                  int64_t bos_id, int64_t threads) const {
     TORCH_CHECK(request_amx(), "amx_trunk: the kernel could not enable AMX tiles on this CPU");
@@ -61,7 +61,8 @@ class Trunk {
     const int first_draft_tile = n > 0 ? p / 16 : tiles;  // the last block runs tiles from here on
 
     auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    torch::Tensor keys = torch::empty({L_, 1, heads_, N, 32}, opts), values = torch::empty({L_, 1, heads_, N, 32}, opts);
+    torch::Tensor keys = torch::empty({L_, 1, heads_, N, 32}, opts);
+    torch::Tensor values = torch::empty({L_, 1, heads_, N, 32}, opts);
     std::vector<float> h(static_cast<size_t>(Np) * D_, 0.f);
     std::memcpy(h.data(), x.data_ptr<float>(), sizeof(float) * N * D_);
     // per-key bias rows: the prefix's (0 or -inf), and one per draft token (the prefix's, plus the draft up to it)
