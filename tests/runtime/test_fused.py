@@ -1,5 +1,5 @@
-"""The AMX flow and trunk kernels against the eager float32 model (a tiny model with the kernels' shapes, random
-weights)."""
+"""The flow and trunk kernels (on AMX tiles or AVX-512 BF16) against the eager float32 model (a tiny model with
+the kernels' shapes, random weights)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +19,22 @@ from physis.model.vocab import BOS, EOS
 from physis.runtime import fused
 from physis.runtime.backends import TEXT_ROUNDING, CompiledEngine, make_engine, with_action_mask
 from physis.runtime.export import BATCH_KEYS, PrefixDraftEncoder, PrefixEncoder, PrefixTokens, example_batch
-from physis.runtime.fused import STALE_LOCK_S, FusedFlow, FusedTrunk, amx_cpu, pack_b, supports, trunk_supports
+from physis.runtime.fused import STALE_LOCK_S, FusedFlow, FusedTrunk, kernel_isa, pack_b, supports, trunk_supports
 
 A = 7
-needs_amx = pytest.mark.skipif(not amx_cpu(), reason="the kernel runs on CPUs with AMX tiles only")
+needs_kernel = pytest.mark.skipif(kernel_isa() is None, reason="the kernels need AMX tiles or AVX-512 BF16")
+
+
+@pytest.fixture(params=["amx", "avx512-bf16"])
+def isa(request) -> str:
+    """Each way the kernels' tile products run that this CPU has (a CPU with AMX has AVX-512 BF16 too)."""
+    here = kernel_isa()
+    if here is None or (request.param == "amx" and here != "amx"):
+        pytest.skip(f"this CPU cannot run the kernels on {request.param}")
+    ext = fused.kernel()
+    ext.set_amx(request.param == "amx")
+    yield request.param
+    ext.set_amx(here == "amx")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +67,8 @@ def test_pack_b_lays_a_weight_out_in_tiles_of_pairs() -> None:
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("PHYSIS_KERNEL_CACHE", str(tmp_path))
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: kw)  # what the loader would be asked
+    # what the loader would be asked, as an extension that takes the choice of tile products
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: SimpleNamespace(asked=kw, set_amx=print))
     lock = fused.build_directory() / "lock"
     lock.parent.mkdir(parents=True)
     try:
@@ -62,7 +76,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_
             lock.touch()
             os.utime(lock, (time.time() - age, time.time() - age))
             fused.kernel.cache_clear()
-            assert fused.kernel()["build_directory"] == str(lock.parent)
+            assert fused.kernel().asked["build_directory"] == str(lock.parent)
             assert lock.exists() == kept
     finally:
         fused.kernel.cache_clear()  # the real extension for the tests after this one
@@ -73,22 +87,21 @@ def test_supports_names_what_the_kernel_cannot_run(model) -> None:
     assert "16 steps" in supports(
         PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5, heads=2, expert_width=64, horizon=8))
     )
-    assert supports(model) == (None if amx_cpu() else "the CPU has no AMX tiles")
+    assert supports(model) == (None if kernel_isa() else "the CPU has neither AMX tiles nor AVX-512 BF16")
     assert "32 wide" in trunk_supports(PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5)))
     assert "multiples of 32" in trunk_supports(
         PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5, heads=2, mlp_ratio=2.25))
     )
-    assert trunk_supports(model) == (None if amx_cpu() else "the CPU has no AMX tiles")
+    assert trunk_supports(model) == (None if kernel_isa() else "the CPU has neither AMX tiles nor AVX-512 BF16")
 
 
-@pytest.mark.skipif(amx_cpu(), reason="this CPU has AMX")
-def test_the_fused_backend_says_why_it_cannot_run(model) -> None:
-    with pytest.raises(RuntimeError, match="no AMX"):
+def test_the_fused_backend_says_why_it_cannot_run(model, monkeypatch) -> None:
+    monkeypatch.setattr(fused, "kernel_isa", lambda: None)  # a CPU with neither
+    with pytest.raises(RuntimeError, match="neither AMX tiles nor AVX-512 BF16"):
         make_engine(model, "fused")
 
 
-@needs_amx
-def test_the_kernel_samples_what_the_eager_model_samples(model) -> None:
+def test_the_kernel_samples_what_the_eager_model_samples(model, isa) -> None:
     batch = example_batch(model, seed=3, text_tokens=5)
     batch["action_mask"] = torch.tensor([[True] * (A - 2) + [False] * 2])  # a smaller robot in a padded space
     batch["text_mask"][:, -1] = False  # a masked key
@@ -112,7 +125,7 @@ def test_the_kernel_samples_what_the_eager_model_samples(model) -> None:
                     assert torch.equal(out[:, :4, : A - 2], target[:, :4, : A - 2])
 
 
-@needs_amx
+@needs_kernel
 def test_the_engine_runs_batch_one_on_the_kernel_and_larger_batches_on_the_graph(model, monkeypatch) -> None:
     engine = CompiledEngine(model, torch.bfloat16, unrolled=True, fused=True)
     monkeypatch.setattr(engine, "_compile", lambda module: module)  # the flow graph's module, run eagerly here
@@ -140,8 +153,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return out.shape == ref.shape and bool((out.float() - ref.float()).abs().max() < 0.02 * ref.abs().max())
 
 
-@needs_amx
-def test_the_trunk_kernel_encodes_and_checks_a_draft_as_the_eager_model_does(model) -> None:
+def test_the_trunk_kernel_encodes_and_checks_a_draft_as_the_eager_model_does(model, isa) -> None:
     batch = with_action_mask(example_batch(model, seed=5, text_tokens=5), A)
     batch["image_mask"][0, 1] = False  # a missing camera: its patches' keys masked
     inputs = [batch[k] for k in BATCH_KEYS]
@@ -164,7 +176,7 @@ def test_the_trunk_kernel_encodes_and_checks_a_draft_as_the_eager_model_does(mod
             trunk(tokens, mask, torch.full_like(d, 10_000))
 
 
-@needs_amx
+@needs_kernel
 def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_the_graph(model, monkeypatch) -> None:
     monkeypatch.setattr(CompiledEngine, "_compile", lambda self, module: module)  # the graphs' modules, eagerly
     engine = CompiledEngine(model, torch.bfloat16, unrolled=True, fused=True)
@@ -186,8 +198,7 @@ def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_
     assert torch.equal(out[:1], ids) and cache.batch_size == 2
 
 
-@needs_amx
-def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model) -> None:
+def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model, isa) -> None:
     batch = with_action_mask(example_batch(model, seed=7, text_tokens=5), A)
     inputs = [batch[k] for k in BATCH_KEYS]
     d, _ = padded_draft(torch.tensor([[BOS, 5, EOS]]), model.config.max_subtask_tokens, "cpu")
@@ -207,7 +218,7 @@ def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model) -> None
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
 
 
-@needs_amx
+@needs_kernel
 def test_the_flow_kernel_runs_when_openmp_gives_fewer_threads_than_asked(tmp_path) -> None:
     # a thread limit hands the kernel a team of one where it asked for two: one thread must then run every layer
     script = tmp_path / "one_thread.py"

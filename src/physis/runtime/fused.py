@@ -47,8 +47,18 @@ log = logging.getLogger(__name__)
 
 
 def amx_cpu() -> bool:
-    """Whether this CPU has AMX bf16 tiles (what the kernel needs)."""
+    """Whether this CPU has AMX bf16 tiles."""
     return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def kernel_isa() -> str | None:
+    """What the kernels' tile products run on here: "amx" (AMX bf16 tiles, Intel Sapphire Rapids and later),
+    "avx512-bf16" (AVX-512 BF16 dot products, e.g. AMD Zen 4 and later), or None where the CPU has neither."""
+    if amx_cpu():
+        return "amx"
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512-bf16"
+    return None
 
 
 def supports(model: PhysisModel) -> str | None:
@@ -75,8 +85,8 @@ def _tiles_fit(model: PhysisModel, part: str, width: int, mlp_ratio: float) -> s
         return f"the kernel's heads are 32 wide, the model's {cfg.width // cfg.heads}"
     if width % 32 or int(width * mlp_ratio) % 32:
         return f"the {part}'s widths are not multiples of 32"
-    if not amx_cpu():
-        return "the CPU has no AMX tiles"
+    if kernel_isa() is None:
+        return "the CPU has neither AMX tiles nor AVX-512 BF16"
     return None
 
 
@@ -99,8 +109,10 @@ def kernel() -> Any:
         lock.unlink(missing_ok=True)
     # the loader rebuilds when a source or a flag changes, not the shared header: its hash goes in as a flag
     header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
-    return load(name="physis_amx", sources=[str(s) for s in SOURCES], extra_cflags=[*FLAGS, f"-DAMX_H={header}"],
-                extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    ext = load(name="physis_amx", sources=[str(s) for s in SOURCES], extra_cflags=[*FLAGS, f"-DAMX_H={header}"],
+               extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    ext.set_amx(kernel_isa() == "amx")  # one build for both: the tile products branch on this
+    return ext
 
 
 def build_directory() -> Path:

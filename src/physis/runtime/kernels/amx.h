@@ -8,6 +8,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -28,20 +29,36 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
-inline bool request_amx() {
+// Whether the tile products run on AMX (true) or on AVX-512 BF16 dot products (false: CPUs without AMX, such as
+// AMD's Zen 4 and later). Both read the same packed B tiles. The loader sets it once (`set_amx`) from what the CPU
+// has, before any kernel runs.
+inline bool& use_amx() {
+  static bool on = true;
+  return on;
+}
+
+// whether this thread may run the tile products: AMX needs the kernel's leave to use its tile state
+inline bool tiles_ready() {
+  if (!use_amx()) return true;
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return ok;
 }
 
-// every tile 16 x 64 bytes; per thread, before its first tile instruction
+// every tile 16 x 64 bytes; per thread, before its first tile product
 inline void configure_tiles() {
+  if (!use_amx()) return;
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
     cfg.rows[i] = 16;
     cfg.colsb[i] = 64;
   }
   _tile_loadconfig(&cfg);
+}
+
+// per thread, after its last tile product
+inline void release_tiles() {
+  if (use_amx()) _tile_release();
 }
 
 constexpr float LOG2E = 1.44269504088896341f;
@@ -95,8 +112,60 @@ inline bf16 one_bf16(float v) {
   return static_cast<bf16>(u >> 16);
 }
 
+// Rows i0 .. i0 + 8 of C = A B on AVX-512 BF16, for NC consecutive column tiles of B from B0 (s bf16 apart): row r
+// of a packed tile (the 16 columns' k-pair r) is one register, against which each row of A broadcasts its own
+// k-pair; 8 x NC accumulators.
+template <int NC>
+inline void dot_rows8(const bf16* A, int lda, const bf16* B0, size_t s, int kb_n, float* C, int ldc) {
+  __m512 acc[8][NC];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 3
+    for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_setzero_ps();
+  for (int kb = 0; kb < kb_n; ++kb) {
+    const bf16 *a = A + kb * 32, *b = B0 + kb * BLOCK;
+#pragma GCC unroll 2
+    for (int r = 0; r < 16; ++r) {
+      __m512bh bc[NC];
+#pragma GCC unroll 3
+      for (int c = 0; c < NC; ++c) bc[c] = (__m512bh)_mm512_loadu_si512(b + c * s + r * 32);
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        int32_t pair;
+        std::memcpy(&pair, a + i * lda + 2 * r, 4);
+        const __m512bh ai = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 3
+        for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], ai, bc[c]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+#pragma GCC unroll 3
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(C + i * ldc + c * 16, acc[i][c]);
+}
+
+// gemm16 without AMX: column tiles three at a time, each half of the rows in turn
+inline void gemm16_avx512(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc) {
+  const int kb_n = K / 32, nb_n = N / 16;
+  const size_t s = static_cast<size_t>(kb_n) * BLOCK;  // one column of tiles
+  for (int nb = 0; nb < nb_n; nb += 3) {
+    const bf16* b0 = B + nb * s;
+    for (int half = 0; half < 16; half += 8) {
+      const bf16* a = A + half * lda;
+      float* c = C + half * ldc + nb * 16;
+      switch (std::min(3, nb_n - nb)) {
+        case 3: dot_rows8<3>(a, lda, b0, s, kb_n, c, ldc); break;
+        case 2: dot_rows8<2>(a, lda, b0, s, kb_n, c, ldc); break;
+        default: dot_rows8<1>(a, lda, b0, s, kb_n, c, ldc);
+      }
+    }
+  }
+}
+
 // C (16 x N, float32, row stride ldc) = A (16 x K bf16, row stride lda) B, with B packed as [N/16][K/32] tiles.
 inline void gemm16(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc) {
+  if (!use_amx()) return gemm16_avx512(A, lda, B, K, N, C, ldc);
   const int kb_n = K / 32, nb_n = N / 16;
   int nb = 0;
   for (; nb + 4 <= nb_n; nb += 4) {

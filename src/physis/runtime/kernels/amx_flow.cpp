@@ -137,7 +137,7 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
                        torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps, int64_t threads) {
-  TORCH_CHECK(request_amx(), "amx_flow: the kernel could not enable AMX tiles on this CPU");
+  TORCH_CHECK(tiles_ready(), "amx_flow: the kernel could not enable AMX tiles on this CPU");
   Flow f;
   f.A = noise.size(1);
   f.AP = (f.A + 31) / 32 * 32;
@@ -210,7 +210,7 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
       if (tid == team - 1) f.velocity_out(step, s);
       if (team == 2) (tid == 0 ? h_ready : x_ready).store(step, std::memory_order_release);
     }
-    _tile_release();
+    release_tiles();
     _mm_setcsr(csr);
   }
   const bool* amask = action_mask.data_ptr<bool>();

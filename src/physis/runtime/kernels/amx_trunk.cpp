@@ -47,7 +47,7 @@ class Trunk {
   // (never pad_id or bos_id) and how far the draft's next token falls behind it: (best - logit) / max(|best|, 1).
   std::vector<torch::Tensor> run(torch::Tensor x, torch::Tensor valid, torch::Tensor draft, int64_t pad_id,
                                  int64_t bos_id, int64_t threads) const {
-    TORCH_CHECK(request_amx(), "amx_trunk: the kernel could not enable AMX tiles on this CPU");
+    TORCH_CHECK(tiles_ready(), "amx_trunk: the kernel could not enable AMX tiles on this CPU");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == D_ && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
                 "amx_trunk: x must be contiguous float32 (N, width)");
     const int N = x.size(0), p = valid.size(0), n = N - p;
@@ -156,7 +156,7 @@ class Trunk {
         gemm_rows(a16.data(), H_, a1 - a0, ly.fc2, H_, D_, tmp.data(), D_);
         add_residual(hq, tmp.data(), arows, D_, ly.fc2_b);
       }
-      _tile_release();
+      release_tiles();
       _mm_setcsr(csr);
     }
 
@@ -170,7 +170,7 @@ class Trunk {
       layer_norm_bf16(h.data() + static_cast<size_t>(first_draft_tile) * 16 * D_, drows, D_, norm_w_, norm_b_,
                       norm_eps_, a16.data());
       gemm_rows(a16.data(), D_, tiles - first_draft_tile, out_w_, D_, VO_, logits.data(), VO_);
-      _tile_release();
+      release_tiles();
       for (int i = 0; i + 1 < n; ++i) {
         const float* z = logits.data() + static_cast<size_t>(p + i - first_draft_tile * 16) * VO_;
         int best = -1;
@@ -208,6 +208,8 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_flow", &amx_flow, "the action expert's flow loop on AMX");
+  m.def("set_amx", [](bool on) { use_amx() = on; }, "tile products on AMX (true) or AVX-512 BF16 (false)");
+  m.def("uses_amx", [] { return use_amx(); }, "whether the tile products run on AMX");
   pybind11::class_<Trunk>(m, "Trunk")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t, int64_t, int64_t,
                           int64_t>())
