@@ -240,3 +240,10 @@ def test_the_flow_kernel_runs_when_openmp_gives_fewer_threads_than_asked(tmp_pat
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok True" in done.stdout, done.stderr[-2000:]
+
+
+@needs_kernel
+def test_the_fused_engine_reports_the_kernels_bf16_for_its_flow_floor(model) -> None:
+    # without AMX its graphs for larger batches run the flow loop in float32, as compile-bf16's; a batch of one
+    # (what `physis bench latency` times against a floor in this dtype) runs on the kernel's bf16 products
+    assert make_engine(model, "fused").flow_dtype == torch.bfloat16

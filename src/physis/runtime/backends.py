@@ -15,10 +15,10 @@ the pooled prefix summary (only the progress head reads it). Samples stay float3
              frozen in and its matmuls on inductor's C++ GEMM template (FROZEN_AMX); elsewhere the flow loop is
              float32 (its ~20 matmuls a step are too small for bf16 library calls to pay for their conversions).
              Each graph compiles on first use (10-70 s per input shape on 2 cores, 40-130 s with FROZEN_AMX)
-  fused      the trunk over the prefix (with the draft check) and the flow loop as hand-written AMX kernels
+  fused      the trunk over the prefix (with the draft check) and the flow loop as hand-written bf16 kernels
              (`physis.runtime.fused`: one call each per chunk, weights packed once, both cores), after a
-             compile-bf16 graph that only tokenizes the observation; CPUs with AMX only. Batches of more than one
-             observation take compile-bf16's graphs
+             compile-bf16 graph that only tokenizes the observation; CPUs with AMX tiles or AVX-512 BF16 (Intel
+             Sapphire Rapids, AMD Zen 4 and later). Batches of more than one observation take compile-bf16's graphs
   onnx       ONNX Runtime for the encoder, each subtask token (with a KV cache) and each flow step
   onnx-int8  the same graphs with int8 MatMul weights (ONNX Runtime dynamic quantization)
   cuda-graph CUDA graphs of the prefix encoder and the whole flow loop (`physis.runtime.graphs`), for a GPU
@@ -184,7 +184,7 @@ class CompiledEngine(_LoopEngine):
         FROZEN_AMX); `freeze` folds the weights into the graphs (a snapshot: later changes to `model` do not reach
         them); `unrolled` compiles each chunk's whole flow loop as one graph (`FlowSampler`, one per step count), in
         `flow_dtype` (default `dtype`), and checks a subtask draft in the prefix's graph (`PrefixDraftEncoder`);
-        `fused` runs batch-1 flow loops and, where the model allows, the trunk over batch-1 prefixes on the AMX
+        `fused` runs batch-1 flow loops and, where the model allows, the trunk over batch-1 prefixes on the bf16
         kernels (`physis.runtime.fused`)."""
         from physis.runtime.export import PrefixDraftEncoder, PrefixEncoder, PrefixTokens, VelocityNet, reads_localizer
 
@@ -249,6 +249,8 @@ class CompiledEngine(_LoopEngine):
 
     @property
     def flow_dtype(self) -> torch.dtype:
+        if self._fused is not None:  # a batch of one runs on the kernel, whose products are bf16 whatever the graphs'
+            return torch.bfloat16
         return self._flow_dtype if self._samplers is not None else self.dtype
 
     def _graph_inputs(self, batch: Batch) -> Batch:
@@ -474,19 +476,15 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
     elif backend == "compile":
         engine = CompiledEngine(model)
     elif backend == "compile-bf16":
-        amx_cpu = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        amx = amx_cpu and next(model.parameters()).device.type == "cpu"
-        if amx:
-            engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True)
-        else:
-            engine = CompiledEngine(model, torch.bfloat16, FROZEN_CPP, unrolled=True, flow_dtype=torch.float32)
+        engine = CompiledEngine(model, torch.bfloat16, unrolled=True, **_bf16_graphs(model))
     elif backend == "fused":
         from physis.runtime.fused import supports
 
         why = supports(model) if next(model.parameters()).device.type == "cpu" else "the model is not on the CPU"
         if why is not None:
             raise RuntimeError(f"the fused backend cannot run this model here: {why}")
-        engine = CompiledEngine(model, torch.bfloat16, FROZEN_AMX, unrolled=True, freeze=True, fused=True)
+        # its tokens graph and the graphs for batches of more than one, as compile-bf16's
+        engine = CompiledEngine(model, torch.bfloat16, unrolled=True, fused=True, **_bf16_graphs(model))
     elif backend == "cuda-graph":
         from physis.runtime.graphs import GraphEngine
 
@@ -495,6 +493,15 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
         engine = OnnxEngine(model, int8=backend == "onnx-int8", **options)
     engine.backend = backend
     return engine
+
+
+def _bf16_graphs(model: PhysisModel) -> dict[str, Any]:
+    """compile-bf16's settings here: on a CPU with AMX every graph bf16 with its weights frozen in (FROZEN_AMX),
+    elsewhere FROZEN_CPP and the flow loop in float32."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    if amx and next(model.parameters()).device.type == "cpu":
+        return dict(options=FROZEN_AMX, freeze=True)
+    return dict(options=FROZEN_CPP, flow_dtype=torch.float32)
 
 
 def draft_agrees(draft: list[int], last: int, pred: list[int], gap: list[float]) -> bool:

@@ -1,4 +1,4 @@
-"""The action expert's flow loop and the trunk over the prefix as hand-written AMX kernels (`kernels/`).
+"""The action expert's flow loop and the trunk over the prefix as hand-written bf16 kernels (`kernels/`).
 
 At batch 1 a `small` flow step is 16 action tokens through four expert layers: about 40 MFLOP, which AMX does in
 tens of microseconds, behind ~40 library or generated-kernel calls that each cost microseconds of dispatch,
@@ -12,9 +12,12 @@ layers' weights and context. The prefix's trunk (`FusedTrunk`, `kernels/amx_trun
 tokens: every block in one call, both cores each taking whole tiles of tokens, with one barrier per block (its keys
 and values are shared). It checks a subtask draft in the same pass, as `PrefixDraftEncoder` does.
 
-The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then cached)
-and run only where the CPU has AMX and the model has their shapes (`supports()`, `trunk_supports()` say why not):
-the `fused` backend refuses elsewhere, and batches of more than one observation take compile-bf16's graphs.
+Their tile products run on AMX (Intel Sapphire Rapids and later) or, on CPUs without it, as AVX-512 BF16 dot
+products against the same packed tiles (AMD Zen 4 and later; `kernel_isa()`): one build holds both, and the loader
+picks. The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then
+cached) and run only where the CPU has one of the two and the model has their shapes (`supports()`,
+`trunk_supports()` say why not): the `fused` backend refuses elsewhere, and batches of more than one observation
+take compile-bf16's graphs.
 """
 
 from __future__ import annotations

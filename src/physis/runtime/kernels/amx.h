@@ -146,9 +146,9 @@ inline void dot_rows8(const bf16* A, int lda, const bf16* B0, size_t s, int kb_n
 }
 
 // gemm16 without AMX: column tiles three at a time, each half of the rows in turn
-inline void gemm16_avx512(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc) {
+inline void gemm16_avx512(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc, int kb_stride) {
   const int kb_n = K / 32, nb_n = N / 16;
-  const size_t s = static_cast<size_t>(kb_n) * BLOCK;  // one column of tiles
+  const size_t s = static_cast<size_t>(kb_stride) * BLOCK;  // one column of tiles
   for (int nb = 0; nb < nb_n; nb += 3) {
     const bf16* b0 = B + nb * s;
     for (int half = 0; half < 16; half += 8) {
@@ -164,17 +164,20 @@ inline void gemm16_avx512(const bf16* A, int lda, const bf16* B, int K, int N, f
 }
 
 // C (16 x N, float32, row stride ldc) = A (16 x K bf16, row stride lda) B, with B packed as [N/16][K/32] tiles.
-inline void gemm16(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc) {
-  if (!use_amx()) return gemm16_avx512(A, lda, B, K, N, C, ldc);
+// With kb_stride (a column of B's tiles, default K/32) B may be a slice of a longer K: its first tile, and the rows
+// of A that meet it.
+inline void gemm16(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc, int kb_stride = 0) {
+  kb_stride = kb_stride ? kb_stride : K / 32;
+  if (!use_amx()) return gemm16_avx512(A, lda, B, K, N, C, ldc, kb_stride);
   const int kb_n = K / 32, nb_n = N / 16;
+  const size_t s = static_cast<size_t>(kb_stride) * BLOCK;  // one column of tiles
   int nb = 0;
   for (; nb + 4 <= nb_n; nb += 4) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    const bf16* b0 = B + static_cast<size_t>(nb) * kb_n * BLOCK;
-    const size_t s = static_cast<size_t>(kb_n) * BLOCK;  // one column of tiles
+    const bf16* b0 = B + nb * s;
     for (int kb = 0; kb < kb_n; ++kb) {
       _tile_loadd(4, A + kb * 32, lda * 2);
       _tile_loadd(5, b0 + kb * BLOCK, 64);
@@ -193,7 +196,7 @@ inline void gemm16(const bf16* A, int lda, const bf16* B, int K, int N, float* C
   }
   for (; nb < nb_n; ++nb) {
     _tile_zero(0);
-    const bf16* b0 = B + static_cast<size_t>(nb) * kb_n * BLOCK;
+    const bf16* b0 = B + nb * s;
     for (int kb = 0; kb < kb_n; ++kb) {
       _tile_loadd(4, A + kb * 32, lda * 2);
       _tile_loadd(5, b0 + kb * BLOCK, 64);

@@ -6,13 +6,20 @@
 // rounded to bf16 only where they enter a matmul, attention over the cached context with the action tokens' keys
 // and values packed in place per step.
 //
-// With two threads the layers are split between them, the first half on one core and the rest (with the velocity
-// and the Euler update) on the other, and the 16 tokens' state is handed across twice a step. The steps stay
-// strictly in order, so one core waits while the other works; what pays is that each core's cache then holds
-// only its own layers' weights and packed context, where one core's could not hold all of them.
+// Two threads share the flow loop in one of two ways, as the ISA's costs favour:
+// - On AMX the layers are split between them, the first half on one core and the rest (with the velocity and the
+//   Euler update) on the other, and the 16 tokens' state is handed across twice a step. The steps stay strictly in
+//   order, so one core waits while the other works; what pays is that each core's cache then holds only its own
+//   layers' weights and packed context. (A hand-off there costs microseconds: splitting each layer lost.)
+// - On AVX-512 BF16 each layer is split: each core takes half the heads (their qkv columns, attention and rows of
+//   the output projection) and half the MLP's hidden columns, and the two partial sums of each half-layer are
+//   exchanged (8 KB, under a microsecond), then added in a fixed order by both. Each core keeps its own copy of the
+//   tokens' state and runs the small token-in and velocity matmuls itself. One thread runs both halves in turn,
+//   so one core and two give the same numbers.
 #include <omp.h>
 
 #include <atomic>
+#include <memory>
 
 #include "amx.h"
 
@@ -29,32 +36,33 @@ struct Scratch {
         a16(T * std::max({W, H, D, AP}), 0), p16(T * nkp), q16(T * 32) {}
 };
 
-// What the steps read and write: sizes, weights, per-step terms, the tokens' state x (16 x A) and h (16 x D), and
-// per layer the packed keys and values of the context with the action tokens' own slots after it.
+// What the steps read and write: sizes, weights, per-step terms, and per layer the packed keys and values of the
+// context with the action tokens' own slots after it. The tokens' state, x (16 x A) and h (16 x D), is passed in:
+// shared by the threads when they split the layers, one copy each when they split every layer.
 struct Flow {
   int A, AP, AO, D, W, H, heads, nkp, ctx;
   std::vector<Layer> layers;
   const bf16 *w_x, *w_out, *w_act;
   const float *norm_w, *norm_b, *act_b, *terms, *out_t, *tgt, *wt;
   float norm_eps, scale, dt;
-  float *x, *h;
   std::vector<float> kbias;
-  std::vector<std::vector<bf16>> kpack, vpack;
+  std::vector<std::unique_ptr<bf16[]>> kpack, vpack;
+  size_t kstride, vstride;  // one head's packed keys, values
 
-  // layer l's context, (heads, n_ctx, 32) float32 keys and values, as the B tiles of S = Q K^T (heads, nkp/16, 512)
-  // and of O = P V (heads, 2, nkp/32, 512)
-  void pack_context(int l, const float* kl, const float* vl, int n_ctx) {
-    kpack[l].assign(static_cast<size_t>(heads) * (nkp / 16) * BLOCK, 0);
-    vpack[l].assign(static_cast<size_t>(heads) * (nkp / 32) * 2 * BLOCK, 0);
-    for (int hd = 0; hd < heads; ++hd) {
-      const float *kh = kl + static_cast<size_t>(hd) * n_ctx * 32, *vh = vl + static_cast<size_t>(hd) * n_ctx * 32;
-      pack_key_rows(kh, n_ctx, kpack[l].data() + static_cast<size_t>(hd) * (nkp / 16) * BLOCK);
-      pack_value_rows(vh, n_ctx, 32, nkp, vpack[l].data() + static_cast<size_t>(hd) * (nkp / 32) * 2 * BLOCK);
+  // heads h0 .. h1 of layer l's context, (heads, n_ctx, 32) float32 keys and values, as the B tiles of S = Q K^T
+  // (heads, nkp/16, 512) and of O = P V (heads, 2, nkp/32, 512); the padding zero
+  void pack_context(int l, const float* kl, const float* vl, int n_ctx, int h0, int h1) {
+    for (int hd = h0; hd < h1; ++hd) {
+      bf16 *kh = kpack[l].get() + hd * kstride, *vh = vpack[l].get() + hd * vstride;
+      std::fill(kh, kh + kstride, 0);
+      std::fill(vh, vh + vstride, 0);
+      pack_key_rows(kl + static_cast<size_t>(hd) * n_ctx * 32, n_ctx, kh);
+      pack_value_rows(vl + static_cast<size_t>(hd) * n_ctx * 32, n_ctx, 32, nkp, vh);
     }
   }
 
   // the action tokens: h = silu(x W_x + step term) W_out + out term
-  void tokens_in(int step, Scratch& s) const {
+  void tokens_in(int step, const float* x, float* h, Scratch& s) const {
     std::fill(s.a16.begin(), s.a16.begin() + T * AP, 0);
     for (int i = 0; i < T; ++i)
       for (int j = 0; j < A; ++j) s.a16[i * AP + j] = one_bf16(x[i * A + j]);
@@ -71,18 +79,19 @@ struct Flow {
       _mm512_storeu_ps(h + k, _mm512_add_ps(_mm512_loadu_ps(h + k), _mm512_loadu_ps(out_t + k)));
   }
 
-  // h through expert layer l, attending to the context and the action tokens
-  void layer(int l, Scratch& s) {
+  // attention of heads h0 .. h1 of layer l over the context and the action tokens, from s.a16 (h after norm1, bf16)
+  // into those heads' columns of s.att
+  void attend(int l, int h0, int h1, Scratch& s) {
     const Layer& ly = layers[l];
-    layer_norm_bf16(h, T, D, ly.ln1_w, ly.ln1_b, ly.eps1, s.a16.data());
     float* qkv = s.tmp.data();  // (16, 3, heads, 32)
-    gemm16(s.a16.data(), D, ly.qkv, D, 3 * W, qkv, 3 * W);
-    add_bias(qkv, T, 3 * W, ly.qkv_b);
-    bf16 *kl = kpack[l].data(), *vl = vpack[l].data();
-    for (int hd = 0; hd < heads; ++hd) {
+    for (int part = 0; part < 3; ++part) {  // the q, k and v columns of these heads
+      const int c0 = part * W + h0 * 32, n = (h1 - h0) * 32;
+      gemm16(s.a16.data(), D, ly.qkv + static_cast<size_t>(c0 / 16) * (D / 32) * BLOCK, D, n, qkv + c0, 3 * W);
+      add_bias(qkv + c0, T, n, ly.qkv_b + c0, 3 * W);
+    }
+    for (int hd = h0; hd < h1; ++hd) {
       // this step's keys: one tile of 16 keys at block ctx/16; values: the first half of block ctx/32
-      bf16* kh = kl + static_cast<size_t>(hd) * (nkp / 16) * BLOCK;
-      bf16* vh = vl + static_cast<size_t>(hd) * (nkp / 32) * 2 * BLOCK;  // (2, nkp/32, 512)
+      bf16 *kh = kpack[l].get() + hd * kstride, *vh = vpack[l].get() + hd * vstride;
       pack_key_rows(qkv + W + hd * 32, T, kh + (ctx / 16) * BLOCK, 3 * W);
       pack_value_rows(qkv + 2 * W + hd * 32, T, 3 * W, nkp, vh, ctx);
       pack_queries(qkv + hd * 32, 3 * W, scale, s.q16.data());
@@ -96,18 +105,44 @@ struct Flow {
       gemm16(s.p16.data(), nkp, vh, nkp, 32, o, W);
       scale_rows(o, W, inv);
     }
+  }
+
+  // h through expert layer l, attending to the context and the action tokens
+  void layer(int l, float* h, Scratch& s) {
+    const Layer& ly = layers[l];
+    layer_norm_bf16(h, T, D, ly.ln1_w, ly.ln1_b, ly.eps1, s.a16.data());
+    attend(l, 0, heads, s);
     to_bf16(s.att.data(), s.a16.data(), T * W);
     gemm16(s.a16.data(), W, ly.proj, W, D, s.tmp.data(), D);
     add_residual(h, s.tmp.data(), T, D, ly.proj_b);
-    layer_norm_bf16(h, T, D, ly.ln2_w, ly.ln2_b, ly.eps2, s.a16.data());
-    gemm16(s.a16.data(), D, ly.fc1, D, H, s.tmp.data(), H);
-    bias_gelu_bf16(s.tmp.data(), T, H, ly.fc1_b, s.a16.data());
-    gemm16(s.a16.data(), H, ly.fc2, H, D, s.tmp.data(), D);
+    mlp(l, h, 0, H, s, s.tmp.data());
     add_residual(h, s.tmp.data(), T, D, ly.fc2_b);
   }
 
+  // the heads of half `half` of layer l: their attention through their rows of the output projection, into out
+  // (16 x D, without the bias)
+  void attention_half(int l, int half, const float* h, Scratch& s, float* out) {
+    const Layer& ly = layers[l];
+    const int h0 = heads * half / 2, h1 = heads * (half + 1) / 2, n = (h1 - h0) * 32;
+    layer_norm_bf16(h, T, D, ly.ln1_w, ly.ln1_b, ly.eps1, s.a16.data());
+    attend(l, h0, h1, s);
+    for (int i = 0; i < T; ++i) to_bf16(s.att.data() + i * W + h0 * 32, s.a16.data() + i * n, n);
+    gemm16(s.a16.data(), n, ly.proj + h0 * BLOCK, n, D, out, D, W / 32);  // the k-blocks of these heads
+  }
+
+  // hidden columns c0 .. c1 of layer l's MLP: norm2, fc1, GELU, and their rows of fc2, into out (16 x D, without
+  // fc2's bias); c0 and c1 multiples of 32
+  void mlp(int l, const float* h, int c0, int c1, Scratch& s, float* out) {
+    const Layer& ly = layers[l];
+    const int n = c1 - c0;
+    layer_norm_bf16(h, T, D, ly.ln2_w, ly.ln2_b, ly.eps2, s.a16.data());
+    gemm16(s.a16.data(), D, ly.fc1 + static_cast<size_t>(c0 / 16) * (D / 32) * BLOCK, D, n, s.tmp.data(), n);
+    bias_gelu_bf16(s.tmp.data(), T, n, ly.fc1_b + c0, s.a16.data());
+    gemm16(s.a16.data(), n, ly.fc2 + (c0 / 32) * BLOCK, n, D, out, D, H / 32);
+  }
+
   // velocity = action_out(norm(h)); one Euler step that steers the clean estimate toward the target
-  void velocity_out(int step, Scratch& s) const {
+  void velocity_out(int step, float* x, const float* h, Scratch& s) const {
     const float t = 1.f - step * dt;
     layer_norm_bf16(h, T, D, norm_w, norm_b, norm_eps, s.a16.data());
     gemm16(s.a16.data(), D, w_act, D, AO, s.v.data(), AO);
@@ -126,13 +161,36 @@ void wait_for(const std::atomic<int>& flag, int value) {
   while (flag.load(std::memory_order_acquire) < value) _mm_pause();
 }
 
+// the two halves' partial sums of each half-layer, double-buffered: a thread writes exchange e's slot only after the
+// other has published e - 1, by which time it has read e - 2's, the same slot
+struct Exchange {
+  std::vector<float> slots;  // (2, 2, 16 x D)
+  alignas(64) std::atomic<int> done0{-1};
+  alignas(64) std::atomic<int> done1{-1};
+  int size;
+  explicit Exchange(int D) : slots(4 * T * D), size(T * D) {}
+  float* slot(int e, int half) { return slots.data() + ((e % 2) * 2 + half) * size; }
+  std::atomic<int>& done(int half) { return half ? done1 : done0; }
+};
+
+// h += (p0 + p1) + bias, in this order on both threads
+inline void add_halves(float* h, const float* p0, const float* p1, const float* bias, int D) {
+  for (int i = 0; i < T; ++i)
+    for (int j = 0; j < D; j += 16) {
+      const int k = i * D + j;
+      const __m512 r = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(p0 + k), _mm512_loadu_ps(p1 + k)),
+                                     _mm512_loadu_ps(bias + j));
+      _mm512_storeu_ps(h + k, _mm512_add_ps(_mm512_loadu_ps(h + k), r));
+    }
+}
+
 }  // namespace
 
 // One chunk's flow loop. Weights: per layer [ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc1, fc1_b,
 // fc2, fc2_b] (matmul weights packed bf16 tiles, the rest float32), then [w_x, w_out, norm_w, norm_b, out, out_b].
 // Context per layer: keys and values ([1,] heads, n, 32) float32; valid (n) bool, true where a key may be attended;
 // action_mask (A) bool, the body's action slots.
-// threads: 1, or 2 to split the layers between two cores (more are not used).
+// threads: 1, or 2 to share the loop between two cores (more are not used).
 torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, std::vector<double> eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
@@ -149,6 +207,7 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   f.ctx = (n_ctx + 31) / 32 * 32;  // the context, padded to whole key blocks
   f.nkp = f.ctx + 32;              // then the 16 action tokens' keys and 16 unused slots
   TORCH_CHECK(noise.size(0) == T && head_dim == 32, "amx_flow: 16 action tokens and head_dim 32 expected");
+  TORCH_CHECK(noise.is_contiguous() && noise.scalar_type() == torch::kFloat32, "amx_flow: noise must be float32");
   TORCH_CHECK(static_cast<int>(weights.size()) == 12 * L + 6, "amx_flow: wrong number of weights");
   f.H = weights[8].size(0) / f.D;  // fc1's packed rows: hidden x D values
   f.layers = read_layers(weights, eps, L);
@@ -168,9 +227,6 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   f.dt = 1.f / steps;
 
   torch::Tensor x_out = noise.clone();
-  f.x = x_out.data_ptr<float>();
-  std::vector<float> h(T * f.D);
-  f.h = h.data();
   const bool bool_masks = valid.scalar_type() == torch::kBool && action_mask.scalar_type() == torch::kBool;
   TORCH_CHECK(bool_masks && valid.is_contiguous() && action_mask.is_contiguous() && action_mask.numel() == f.A,
               "amx_flow: valid and action_mask must be contiguous bool, action_mask one per action dimension");
@@ -183,38 +239,78 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
       TORCH_CHECK(c->size(-2) == n_ctx && c->numel() == heads * n_ctx * 32 && c->is_contiguous() &&
                       c->scalar_type() == torch::kFloat32,
                   "amx_flow: each layer's context must be contiguous float32 (heads, n, 32), n as valid's");
-  f.kpack.resize(L);
-  f.vpack.resize(L);
+  f.kstride = static_cast<size_t>(f.nkp / 16) * BLOCK;
+  f.vstride = static_cast<size_t>(f.nkp / 32) * 2 * BLOCK;
+  for (int l = 0; l < L; ++l) {  // filled by the threads that read them
+    f.kpack.emplace_back(new bf16[heads * f.kstride]);
+    f.vpack.emplace_back(new bf16[heads * f.vstride]);
+  }
+  // without AMX every layer is split in halves (see the top of this file); that needs whole k-blocks of fc2's
+  // rows in each half of the MLP
+  const bool halves = !use_amx() && heads >= 2 && f.H % 64 == 0;
 
+  std::vector<float> h(T * f.D);
   const int split = (L + 1) / 2;
   std::atomic<int> h_ready{-1}, x_ready{-1};  // the last step whose h (first half done) or x (step done) is out
-#pragma omp parallel num_threads(threads >= 2 && L >= 2 ? 2 : 1)
+  Exchange ex(f.D);
+#pragma omp parallel num_threads(threads >= 2 && (L >= 2 || halves) ? 2 : 1)
   {
     // the team OpenMP gives, which may be smaller than asked (a thread limit, a nested region)
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-    const int l0 = team == 1 || tid == 0 ? 0 : split, l1 = team == 1 || tid == 1 ? L : split;
-    for (int l = l0; l < l1; ++l) f.pack_context(l, f32(keys[l]), f32(values[l]), n_ctx);
     Scratch s(f.W, f.H, f.D, f.AO, f.AP, f.nkp);
     configure_tiles();
     // flush denormals: softmax weights of masked keys and GELU's far tails fall there, each a microcode assist
     const unsigned csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);
-    for (int step = 0; step < steps; ++step) {
-      if (tid == 0) {
-        if (team == 2 && step > 0) wait_for(x_ready, step - 1);
-        f.tokens_in(step, s);
-      } else {
-        wait_for(h_ready, step);
+    if (halves) {
+      // each thread its own state (the first's x is the output); its heads' context, of every layer
+      std::vector<float> own_x, own_h(T * f.D);
+      if (tid > 0) own_x.assign(f32(noise), f32(noise) + T * f.A);
+      float *x = tid == 0 ? x_out.data_ptr<float>() : own_x.data(), *hh = own_h.data();
+      const int h0 = team == 1 ? 0 : heads * tid / 2, h1 = team == 1 ? heads : heads * (tid + 1) / 2;
+      for (int l = 0; l < L; ++l) f.pack_context(l, f32(keys[l]), f32(values[l]), n_ctx, h0, h1);
+      int e = 0;  // exchanges so far, the same count on both threads
+      // half `half` of a half-layer into its slot of exchange e, by this thread or (one thread) both in turn
+      auto halves_of = [&](auto&& run, const float* bias) {
+        for (int half = team == 1 ? 0 : tid; half < (team == 1 ? 2 : tid + 1); ++half) run(half, ex.slot(e, half));
+        if (team == 2) {
+          ex.done(tid).store(e, std::memory_order_release);
+          wait_for(ex.done(1 - tid), e);
+        }
+        add_halves(hh, ex.slot(e, 0), ex.slot(e, 1), bias, f.D);
+        ++e;
+      };
+      for (int step = 0; step < steps; ++step) {
+        f.tokens_in(step, x, hh, s);
+        for (int l = 0; l < L; ++l) {
+          const Layer& ly = f.layers[l];
+          halves_of([&](int half, float* out) { f.attention_half(l, half, hh, s, out); }, ly.proj_b);
+          halves_of([&](int half, float* out) { f.mlp(l, hh, f.H / 2 * half, f.H / 2 * (half + 1), s, out); },
+                    ly.fc2_b);
+        }
+        f.velocity_out(step, x, hh, s);
       }
-      for (int l = l0; l < l1; ++l) f.layer(l, s);
-      if (tid == team - 1) f.velocity_out(step, s);
-      if (team == 2) (tid == 0 ? h_ready : x_ready).store(step, std::memory_order_release);
+    } else {
+      const int l0 = team == 1 || tid == 0 ? 0 : split, l1 = team == 1 || tid == 1 ? L : split;
+      for (int l = l0; l < l1; ++l) f.pack_context(l, f32(keys[l]), f32(values[l]), n_ctx, 0, heads);
+      float* x = x_out.data_ptr<float>();
+      for (int step = 0; step < steps; ++step) {
+        if (tid == 0) {
+          if (team == 2 && step > 0) wait_for(x_ready, step - 1);
+          f.tokens_in(step, x, h.data(), s);
+        } else {
+          wait_for(h_ready, step);
+        }
+        for (int l = l0; l < l1; ++l) f.layer(l, h.data(), s);
+        if (tid == team - 1) f.velocity_out(step, x, h.data(), s);
+        if (team == 2) (tid == 0 ? h_ready : x_ready).store(step, std::memory_order_release);
+      }
     }
     release_tiles();
     _mm_setcsr(csr);
   }
   const bool* amask = action_mask.data_ptr<bool>();
-  float* x = f.x;
+  float* x = x_out.data_ptr<float>();
   for (int i = 0; i < T; ++i)
     for (int j = 0; j < f.A; ++j) {
       const float v = f.wt[i] == 1.f ? f.tgt[i * f.A + j] : x[i * f.A + j];
