@@ -28,6 +28,8 @@ def test_bench_latency_writes_every_field(tmp_path) -> None:
         assert row["floor_ms"] > 0 and row["ratio_to_floor"] == row["p50_ms"] / row["floor_ms"]
     assert off["gflop"] > on["gflop"] > 0  # without the cache the prefix is encoded once per step
     assert "tiny/eager" in result["setup_s"] and result["machine"]["torch"] == torch.__version__
+    # which CPU and which kernel path, so that results from different machines are not compared blindly
+    assert result["machine"]["cpu"] and result["machine"]["kernel_isa"] in (None, "amx", "avx512-bf16")
 
 
 def test_flop_count_grows_with_steps_and_counts_attention() -> None:

@@ -37,6 +37,7 @@ from physis.model.physis_model import PhysisModel
 from physis.model.vocab import PAD
 from physis.runtime.backends import BACKENDS, Engine, make_engine
 from physis.runtime.export import example_batch
+from physis.runtime.fused import kernel_isa
 
 VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
 EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
@@ -173,7 +174,8 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
         "skipped": skipped,
         "setup_s": setup,
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
-                    "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
+                    "processor": platform.processor() or platform.machine(), "cpu": cpu_name(),
+                    "kernel_isa": kernel_isa(), "torch": torch.__version__,
                     "device": str(device),
                     **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "date": date.today().isoformat(),
@@ -339,6 +341,17 @@ def matmul_floor_ms(flops: int, dtype: torch.dtype, repeats: int = 20, device: t
             _sync(device)
             best = min(best, time.perf_counter() - t0)
     return best * 1e3 * flops / (2 * n**3)
+
+
+def cpu_name() -> str:
+    """The CPU's model name where Linux tells it (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _sync(device: torch.device) -> None:
