@@ -41,7 +41,7 @@ from physis.runtime.fused import kernel_isa
 
 VOCAB = tuple(f"word{i}" for i in range(32))  # random weights rarely emit EOS: subtasks run to full length
 EAGER_FAMILY = ("eager", "bf16", "int8")  # backends that can run without the prefix cache
-CPU_ONLY = ("int8", "fused", "onnx", "onnx-int8")  # quantized kernels, the AMX kernel, ONNX Runtime's CPU provider
+CPU_ONLY = ("int8", "fused", "onnx", "onnx-int8")  # quantized kernels, our CPU kernels, ONNX Runtime's CPU provider
 GPU_ONLY = ("cuda-graph",)  # on a CPU this engine runs eagerly: nothing to time
 BLOCK = 5  # chunks timed back to back per configuration and round
 

@@ -83,8 +83,8 @@ class ServeConfig:
     device: str = "cpu"
     """Where the model runs: cpu, cuda, cuda:1, ..."""
     backend: str = "eager"
-    """How it runs (physis.runtime.backends): eager, bf16, int8, compile, compile-bf16, fused (CPUs with AMX), onnx,
-    onnx-int8; on a GPU cuda-graph."""
+    """How it runs (physis.runtime.backends): eager, bf16, int8, compile, compile-bf16, fused (CPUs with AMX or
+    AVX-512 BF16), onnx, onnx-int8; on a GPU cuda-graph."""
     latch: tuple[str, ...] = ()
     """Environment-state values the localizer reads once per episode (from a 'reset') and then holds, e.g. goal_x
     goal_y goal_z (physis.runtime.latch)."""
