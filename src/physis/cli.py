@@ -156,7 +156,8 @@ def serve(cfg: ServeConfig) -> None:
     def ready(server: PolicyServer) -> None:
         auth = "an API key" if server.api_key else "no API key"
         console.print(f"serving {server.spec['embodiment']} from {cfg.checkpoint} on ws://{server.host}:{server.port} "
-                      f"({auth}; health check at /healthz); Ctrl-C stops", highlight=False)
+                      f"(backend {server.policy.engine.backend}; {auth}; health check at /healthz); Ctrl-C stops",
+                      highlight=False)
 
     server = server_from_config(cfg)
     try:

@@ -244,8 +244,9 @@ def test_shutdown_answers_requests_in_flight_then_closes(policy, obs):
 
 def test_bench_serve_command_runs_a_server_process(tiny_checkpoint, tmp_path, capsys):
     main(["bench", "serve", "--checkpoint", str(tiny_checkpoint), "--clients", "2", "--requests", "3", "--warmup",
-          "1", "--flow-steps", "2", "--out", str(tmp_path), "--startup-timeout-s", "900"])
+          "1", "--flow-steps", "2", "--backend", "bf16", "--out", str(tmp_path), "--startup-timeout-s", "900"])
     r = json.loads((tmp_path / "results.json").read_text())
+    assert r["config"]["backend"] == "bf16" and "(backend bf16;" in (tmp_path / "server.log").read_text()
     assert r["requests_ok"] == 6 and r["errors"] == 0, r["error_examples"]
     assert r["server_exit_code"] == 0  # SIGTERM shut it down cleanly
     assert r["round_trip_ms"]["p50"] > 0 and r["overhead_ms"]["p99"] >= r["overhead_ms"]["p50"]

@@ -43,6 +43,8 @@ class ServeBenchConfig:
     warmup: int = 3
     """Untimed requests per client before the clock starts."""
     flow_steps: int | None = None
+    backend: str = "eager"
+    """The server's inference backend (physis.runtime.backends), as `physis serve --backend`."""
     max_batch: int = 8
     batch_window_ms: float = 2.0
     out: Path = Path("outputs/bench-serve")
@@ -59,7 +61,8 @@ def _free_port() -> int:
 
 def _start_server(cfg: ServeBenchConfig, port: int, log_file: Any) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "physis.cli", "serve", "--checkpoint", str(cfg.checkpoint), "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(cfg.max_batch), "--batch-window-ms", str(cfg.batch_window_ms)]
+           "--port", str(port), "--max-batch", str(cfg.max_batch), "--batch-window-ms", str(cfg.batch_window_ms),
+           "--backend", cfg.backend]
     if cfg.flow_steps is not None:
         cmd += ["--flow-steps", str(cfg.flow_steps)]
     env = {k: v for k, v in os.environ.items() if k != "PHYSIS_API_KEY"}  # loopback, no key

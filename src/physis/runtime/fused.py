@@ -195,12 +195,10 @@ class FusedFlow:
                 model.action_out.bias,
             ]
             eps.append(model.expert_norm.eps)
-        self.weights = _kernel_tensors(weights)
-        self.eps = eps
+        self.flow = kernel().Flow(_kernel_tensors(weights), eps, self.heads, self.head_dim)  # builds it on first use
         self.out_term = (model.action_time[2].bias + model.action_pos[: cfg.horizon]).detach().float().contiguous()
         self._terms: dict[tuple, torch.Tensor] = {}
         self._free = torch.zeros(cfg.horizon, cfg.action_dim), torch.zeros(cfg.horizon)  # no inpainting target
-        kernel()  # build now, not inside the first chunk
 
     def _step_terms(self, steps: int, action_mask: torch.Tensor) -> torch.Tensor:
         """Each step's x-independent part of the action tokens (steps, De), cached per step count and action mask."""
@@ -231,10 +229,10 @@ class FusedFlow:
             target, weight = _float32(prefix_actions[0]), _float32(prefix_weights[0])
         reads = self.model.config.expert_reads
         action_mask = _bool(cache.action_mask[0])
-        return kernel().amx_flow(
-            _float32(noise[0]), self.weights, self.eps, [_float32(cache.keys[i]) for i in reads],
-            [_float32(cache.values[i]) for i in reads], _bool(cache.mask[0]), self._step_terms(steps, action_mask),
-            self.out_term, target, weight, action_mask, self.heads, self.head_dim, steps, torch.get_num_threads(),
+        return self.flow.run(
+            _float32(noise[0]), [_float32(cache.keys[i]) for i in reads], [_float32(cache.values[i]) for i in reads],
+            _bool(cache.mask[0]), self._step_terms(steps, action_mask), self.out_term, target, weight, action_mask,
+            steps, torch.get_num_threads(),
         )[None]  # fmt: skip
 
 

@@ -280,19 +280,24 @@ inline void pack_queries(const float* q, int ld, float scale, bf16* out) {
   }
 }
 
-// One row of softmax without its division: s (nk scores in base 2, plus `bias`: 0 or -inf per key) -> p = 2^(s -
-// max) in bf16, zero from nk to nkp; returns 1 / sum, by which the row's output is scaled after P V.
-inline float softmax_row(float* s, const float* bias, int nk, int nkp, bf16* p) {
+// a row of per-key biases (0 where a key may be attended, -inf where not; n a multiple of 16) as masks of 16 keys
+inline std::vector<__mmask16> key_masks(const float* bias, int n) {
+  std::vector<__mmask16> masks(n / 16);
+  for (int j = 0; j < n; j += 16)
+    masks[j / 16] = _mm512_cmp_ps_mask(_mm512_loadu_ps(bias + j), _mm512_setzero_ps(), _CMP_EQ_OQ);
+  return masks;
+}
+
+// One row of softmax without its division: s (nk scores in base 2) over the keys set in `valid` (16 a mask) -> p =
+// 2^(s - max) in bf16, zero for the others and from nk to nkp; returns 1 / sum, by which the row's output is scaled
+// after P V. (Masking rather than adding -inf keeps the scores finite and saves a pass over them.)
+inline float softmax_row(const float* s, const __mmask16* valid, int nk, int nkp, bf16* p) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int j = 0; j < nk; j += 16) {
-    const __m512 z = _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j));
-    _mm512_storeu_ps(s + j, z);
-    mx = _mm512_max_ps(mx, z);
-  }
+  for (int j = 0; j < nk; j += 16) mx = _mm512_mask_max_ps(mx, valid[j / 16], mx, _mm512_loadu_ps(s + j));
   const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 sum = _mm512_setzero_ps();
   for (int j = 0; j < nk; j += 16) {
-    const __m512 e = exp2_fast(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    const __m512 e = _mm512_maskz_mov_ps(valid[j / 16], exp2_fast<false>(_mm512_sub_ps(_mm512_loadu_ps(s + j), m)));
     sum = _mm512_add_ps(sum, e);
     __m256bh eh = _mm512_cvtneps_pbh(e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), reinterpret_cast<__m256i&>(eh));
@@ -344,7 +349,8 @@ inline const bf16* b16(const torch::Tensor& t) { return reinterpret_cast<const b
 
 // layers from weights laid out per layer as [ln1_w, ln1_b, qkv, qkv_b, proj, proj_b, ln2_w, ln2_b, fc1, fc1_b, fc2,
 // fc2_b], and eps as [norm1, norm2] per layer
-inline std::vector<Layer> read_layers(const std::vector<torch::Tensor>& weights, const std::vector<double>& eps, int L) {
+inline std::vector<Layer> read_layers(const std::vector<torch::Tensor>& weights, const std::vector<double>& eps,
+                                      int L) {
   std::vector<Layer> layers(L);
   for (int l = 0; l < L; ++l) {
     const auto* w = &weights[12 * l];

@@ -45,7 +45,7 @@ struct Flow {
   const bf16 *w_x, *w_out, *w_act;
   const float *norm_w, *norm_b, *act_b, *terms, *out_t, *tgt, *wt;
   float norm_eps, scale, dt;
-  std::vector<float> kbias;
+  std::vector<__mmask16> kmask;  // the keys an action token may attend, 16 a mask
   std::vector<std::unique_ptr<bf16[]>> kpack, vpack;
   size_t kstride, vstride;  // one head's packed keys, values
 
@@ -100,7 +100,7 @@ struct Flow {
       gemm16(s.q16.data(), 32, kh, 32, nk, s.scores.data(), nkp);
       float inv[T];
       for (int i = 0; i < T; ++i)
-        inv[i] = softmax_row(s.scores.data() + i * nkp, kbias.data(), nk, nkp, s.p16.data() + i * nkp);
+        inv[i] = softmax_row(s.scores.data() + i * nkp, kmask.data(), nk, nkp, s.p16.data() + i * nkp);
       float* o = s.att.data() + hd * 32;
       gemm16(s.p16.data(), nkp, vh, nkp, 32, o, W);
       scale_rows(o, W, inv);
@@ -191,7 +191,7 @@ inline void add_halves(float* h, const float* p0, const float* p1, const float* 
 // Context per layer: keys and values ([1,] heads, n, 32) float32; valid (n) bool, true where a key may be attended;
 // action_mask (A) bool, the body's action slots.
 // threads: 1, or 2 to share the loop between two cores (more are not used).
-torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, std::vector<double> eps,
+torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& weights, const std::vector<double>& eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
                        torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps, int64_t threads) {
@@ -231,9 +231,10 @@ torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, 
   TORCH_CHECK(bool_masks && valid.is_contiguous() && action_mask.is_contiguous() && action_mask.numel() == f.A,
               "amx_flow: valid and action_mask must be contiguous bool, action_mask one per action dimension");
   const bool* ok = valid.data_ptr<bool>();
-  f.kbias.assign(f.nkp, -INFINITY);
-  for (int j = 0; j < n_ctx; ++j) f.kbias[j] = ok[j] ? 0.f : -INFINITY;
-  std::fill(f.kbias.begin() + f.ctx, f.kbias.begin() + f.ctx + T, 0.f);
+  std::vector<float> kbias(f.nkp, -INFINITY);
+  for (int j = 0; j < n_ctx; ++j) kbias[j] = ok[j] ? 0.f : -INFINITY;
+  std::fill(kbias.begin() + f.ctx, kbias.begin() + f.ctx + T, 0.f);
+  f.kmask = key_masks(kbias.data(), f.nkp);
   for (int l = 0; l < L; ++l)
     for (const auto* c : {&keys[l], &values[l]})
       TORCH_CHECK(c->size(-2) == n_ctx && c->numel() == heads * n_ctx * 32 && c->is_contiguous() &&

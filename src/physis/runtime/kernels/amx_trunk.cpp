@@ -74,6 +74,7 @@ class Trunk {
       std::copy(bias.begin(), bias.begin() + p, row);
       std::fill(row + p, row + p + i + 1, 0.f);
     }
+    const std::vector<__mmask16> masks = key_masks(bias.data(), (1 + n) * nkp);  // nkp / 16 a row
     // the blocks' keys and values as B tiles, two sets so a thread may pack block l + 1 while another still reads l
     const size_t kstride = static_cast<size_t>(nkp / 16) * BLOCK, vstride = static_cast<size_t>(nkp / 32) * 2 * BLOCK;
     std::vector<bf16> kpack(2 * heads_ * kstride, 0), vpack(2 * heads_ * vstride, 0);
@@ -139,7 +140,7 @@ class Trunk {
             float inv[16];
             for (int i = 0; i < 16; ++i) {
               const int row = tile * 16 + i;
-              const float* b = bias.data() + (row >= p && row < N ? static_cast<size_t>(1 + row - p) * nkp : 0);
+              const __mmask16* b = masks.data() + (row >= p && row < N ? (1 + row - p) * (nkp / 16) : 0);
               inv[i] = softmax_row(scores.data() + i * nkp, b, nk, nkp, p16.data() + i * nkp);
             }
             float* o = att.data() + static_cast<size_t>(local) * W_ + hd * 32;
@@ -200,14 +201,40 @@ class Trunk {
 
 }  // namespace
 
-torch::Tensor amx_flow(torch::Tensor noise, std::vector<torch::Tensor> weights, std::vector<double> eps,
+torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& weights, const std::vector<double>& eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
                        torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps,
                        int64_t threads);
 
+namespace {
+
+// The flow kernel with its weights held (amx_flow's weights and eps), so that a call converts only what changes
+// per chunk, not some fifty weight tensors
+class Flow {
+ public:
+  Flow(std::vector<torch::Tensor> weights, std::vector<double> eps, int64_t heads, int64_t head_dim)
+      : weights_(std::move(weights)), eps_(std::move(eps)), heads_(heads), head_dim_(head_dim) {}
+
+  torch::Tensor run(torch::Tensor noise, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
+                    torch::Tensor valid, torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target,
+                    torch::Tensor weight, torch::Tensor action_mask, int64_t steps, int64_t threads) const {
+    return amx_flow(noise, weights_, eps_, std::move(keys), std::move(values), valid, step_terms, out_term, target,
+                    weight, action_mask, heads_, head_dim_, steps, threads);
+  }
+
+ private:
+  std::vector<torch::Tensor> weights_;
+  std::vector<double> eps_;
+  int64_t heads_, head_dim_;
+};
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("amx_flow", &amx_flow, "the action expert's flow loop on AMX");
+  pybind11::class_<Flow>(m, "Flow")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t>())
+      .def("run", &Flow::run, "one chunk's flow loop");
   m.def("set_amx", [](bool on) { use_amx() = on; }, "tile products on AMX (true) or AVX-512 BF16 (false)");
   m.def("uses_amx", [] { return use_amx(); }, "whether the tile products run on AMX");
   pybind11::class_<Trunk>(m, "Trunk")
