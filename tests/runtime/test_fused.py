@@ -247,3 +247,30 @@ def test_the_fused_engine_reports_the_kernels_bf16_for_its_flow_floor(model) -> 
     # without AMX its graphs for larger batches run the flow loop in float32, as compile-bf16's; a batch of one
     # (what `physis bench latency` times against a floor in this dtype) runs on the kernel's bf16 products
     assert make_engine(model, "fused").flow_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(heads=3, width=96),  # the heads split 1 and 2 between the cores
+        dict(expert_mlp_ratio=1.5),  # an MLP of 96 hidden columns: no whole halves, so the layers split instead
+    ],
+)
+def test_the_flow_kernel_splits_uneven_shapes_and_still_samples_what_the_eager_model_samples(shape, isa) -> None:
+    torch.manual_seed(1)
+    cfg = ModelConfig.preset("tiny", image_size=32, stem_channels=8, action_dim=A, state_dim=5,
+                             **{"heads": 2, "expert_width": 64, **shape})
+    model = PhysisModel(cfg).eval()
+    noise = torch.randn(1, 16, A, generator=torch.Generator().manual_seed(8))
+    flow = FusedFlow(model)
+    before, outs = torch.get_num_threads(), []
+    try:
+        with torch.inference_mode():
+            cache = model.encode_prefix(with_action_mask(example_batch(model, seed=8), A), pooled=False)
+            ref = model.sample_actions(cache=cache, noise=noise, steps=3)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs.append(flow(cache, noise, 3))
+    finally:
+        torch.set_num_threads(before)
+    assert _close(outs[0], ref) and torch.equal(outs[0], outs[1])
