@@ -1,8 +1,8 @@
-// The action expert's whole flow loop as one function on AMX tiles (see physis/runtime/fused.py).
+// The action expert's whole flow loop as one function on bf16 tiles (see physis/runtime/fused.py).
 //
 // At batch 1 a flow step is ~16 tokens through a few small layers: a few microseconds of arithmetic behind tens
 // of library calls, each with its own dispatch, allocation and thread hand-off. Here one call runs every step
-// of a chunk: matmuls as AMX bf16 tile products against weights packed once, activations kept in float32 and
+// of a chunk: matmuls as bf16 tile products (amx.h) against weights packed once, activations kept in float32 and
 // rounded to bf16 only where they enter a matmul, attention over the cached context with the action tokens' keys
 // and values packed in place per step.
 //

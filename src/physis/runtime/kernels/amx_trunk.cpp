@@ -1,4 +1,4 @@
-// The trunk over a chunk's prefix (and a subtask draft) as one function on AMX tiles (see physis/runtime/fused.py).
+// The trunk over a chunk's prefix (and a subtask draft) as one function on bf16 tiles (see physis/runtime/fused.py).
 //
 // At batch 1 the prefix is ~170 tokens through a few blocks: a few hundred MFLOP that AMX does in a fraction of a
 // millisecond, behind some hundred library and generated-kernel calls. Here one call runs every block: each thread
