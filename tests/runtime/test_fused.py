@@ -95,6 +95,12 @@ def test_supports_names_what_the_kernel_cannot_run(model) -> None:
     assert trunk_supports(model) == (None if kernel_isa() else "the CPU has neither AMX tiles nor AVX-512 BF16")
 
 
+def test_a_flow_split_that_does_not_exist_is_refused(model, monkeypatch) -> None:
+    monkeypatch.setenv("PHYSIS_FLOW_SPLIT", "diagonal")
+    with pytest.raises(ValueError, match="split 'diagonal' is not one of auto, layers, halves"):
+        FusedFlow(model)
+
+
 def test_the_fused_backend_says_why_it_cannot_run(model, monkeypatch) -> None:
     monkeypatch.setattr(fused, "kernel_isa", lambda: None)  # a CPU with neither
     with pytest.raises(RuntimeError, match="neither AMX tiles nor AVX-512 BF16"):
@@ -198,24 +204,27 @@ def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_
     assert torch.equal(out[:1], ids) and cache.batch_size == 2
 
 
-def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model, isa) -> None:
+@pytest.mark.parametrize("split", ["layers", "halves"])
+def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model, isa, split) -> None:
     batch = with_action_mask(example_batch(model, seed=7, text_tokens=5), A)
     inputs = [batch[k] for k in BATCH_KEYS]
     d, _ = padded_draft(torch.tensor([[BOS, 5, EOS]]), model.config.max_subtask_tokens, "cpu")
     noise = torch.randn(1, 16, A, generator=torch.Generator().manual_seed(7))
-    flow, trunk = FusedFlow(model), FusedTrunk(model)
+    flow, trunk = FusedFlow(model, split), FusedTrunk(model)
     before = torch.get_num_threads()
     outs = []
     try:
         with torch.inference_mode():
             tokens, mask = PrefixTokens(model, draft=True)(*inputs, d)
             cache = model.generate_subtask(model.encode_prefix(batch, pooled=False))[1]
-            for threads in (1, 2):  # the trunk splits its tokens, the flow its layers, between the two
+            for threads in (1, 2):  # the trunk splits its tokens, the flow its layers or each layer, between the two
                 torch.set_num_threads(threads)
                 outs.append((*trunk(tokens, mask, d), flow(cache, noise, 4)))
+            ref = model.sample_actions(cache=cache, noise=noise, steps=4)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    assert _close(outs[0][-1], ref)  # either split samples what the eager model samples
 
 
 @needs_kernel

@@ -44,6 +44,9 @@ HEADER = KERNELS / "amx.h"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
          "-fopenmp"]
 TOKENS = 16  # the kernel's one tile of rows: action chunks of this many steps
+# How two threads share the flow loop (`FusedFlow`'s split): as the CPU's ISA favours, the layers between them, or
+# each layer in halves; $PHYSIS_FLOW_SPLIT sets it for a process, to measure one against the other
+FLOW_SPLITS = {"auto": 0, "layers": 1, "halves": 2}
 STALE_LOCK_S = 300.0  # a build takes well under a minute: a lock older than this was left by a killed build
 
 log = logging.getLogger(__name__)
@@ -174,12 +177,17 @@ def _kernel_tensors(weights: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class FusedFlow:
-    """A model's flow loop on the AMX kernel: weights packed once (a snapshot of the model's weights then)."""
+    """A model's flow loop on the kernel: weights packed once (a snapshot of the model's weights then)."""
 
-    def __init__(self, model: PhysisModel) -> None:
+    def __init__(self, model: PhysisModel, split: str | None = None) -> None:
+        """split: how two threads share the loop, one of FLOW_SPLITS (default $PHYSIS_FLOW_SPLIT, else "auto": on
+        AMX the layers between the cores, without it each layer in halves; measured in docs/benchmarks/runtime.md)."""
         why = supports(model)
         if why is not None:
             raise RuntimeError(f"FusedFlow: {why}")
+        split = split or os.environ.get("PHYSIS_FLOW_SPLIT", "auto")
+        if split not in FLOW_SPLITS:
+            raise ValueError(f"FusedFlow: split {split!r} is not one of {', '.join(FLOW_SPLITS)}")
         self.model = model
         cfg = model.config
         self.heads, self.head_dim = cfg.heads, cfg.width // cfg.heads
@@ -195,7 +203,8 @@ class FusedFlow:
                 model.action_out.bias,
             ]
             eps.append(model.expert_norm.eps)
-        self.flow = kernel().Flow(_kernel_tensors(weights), eps, self.heads, self.head_dim)  # builds it on first use
+        # (this builds the kernel on first use)
+        self.flow = kernel().Flow(_kernel_tensors(weights), eps, self.heads, self.head_dim, FLOW_SPLITS[split])
         self.out_term = (model.action_time[2].bias + model.action_pos[: cfg.horizon]).detach().float().contiguous()
         self._terms: dict[tuple, torch.Tensor] = {}
         self._free = torch.zeros(cfg.horizon, cfg.action_dim), torch.zeros(cfg.horizon)  # no inpainting target

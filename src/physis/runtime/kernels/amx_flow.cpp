@@ -190,11 +190,13 @@ inline void add_halves(float* h, const float* p0, const float* p1, const float* 
 // fc2, fc2_b] (matmul weights packed bf16 tiles, the rest float32), then [w_x, w_out, norm_w, norm_b, out, out_b].
 // Context per layer: keys and values ([1,] heads, n, 32) float32; valid (n) bool, true where a key may be attended;
 // action_mask (A) bool, the body's action slots.
-// threads: 1, or 2 to share the loop between two cores (more are not used).
+// threads: 1, or 2 to share the loop between two cores (more are not used); split: how two share it, 0 as the ISA
+// favours (see the top of this file), 1 the layers between them, 2 each layer in halves.
 torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& weights, const std::vector<double>& eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
-                       torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps, int64_t threads) {
+                       torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps, int64_t threads,
+                       int64_t split) {
   TORCH_CHECK(tiles_ready(), "amx_flow: the kernel could not enable AMX tiles on this CPU");
   Flow f;
   f.A = noise.size(1);
@@ -246,12 +248,13 @@ torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& we
     f.kpack.emplace_back(new bf16[heads * f.kstride]);
     f.vpack.emplace_back(new bf16[heads * f.vstride]);
   }
-  // without AMX every layer is split in halves (see the top of this file); that needs whole k-blocks of fc2's
-  // rows in each half of the MLP
-  const bool halves = !use_amx() && heads >= 2 && f.H % 64 == 0;
+  // by default every layer is split in halves without AMX (see the top of this file); that needs two heads or more
+  // and whole k-blocks of fc2's rows in each half of the MLP
+  TORCH_CHECK(split >= 0 && split <= 2, "amx_flow: split must be 0 (as the ISA favours), 1 (layers) or 2 (halves)");
+  const bool halves = (split == 2 || (split == 0 && !use_amx())) && heads >= 2 && f.H % 64 == 0;
 
   std::vector<float> h(T * f.D);
-  const int split = (L + 1) / 2;
+  const int middle = (L + 1) / 2;  // where the second thread's layers start
   std::atomic<int> h_ready{-1}, x_ready{-1};  // the last step whose h (first half done) or x (step done) is out
   Exchange ex(f.D);
 #pragma omp parallel num_threads(threads >= 2 && (L >= 2 || halves) ? 2 : 1)
@@ -292,7 +295,7 @@ torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& we
         f.velocity_out(step, x, hh, s);
       }
     } else {
-      const int l0 = team == 1 || tid == 0 ? 0 : split, l1 = team == 1 || tid == 1 ? L : split;
+      const int l0 = team == 1 || tid == 0 ? 0 : middle, l1 = team == 1 || tid == 1 ? L : middle;
       for (int l = l0; l < l1; ++l) f.pack_context(l, f32(keys[l]), f32(values[l]), n_ctx, 0, heads);
       float* x = x_out.data_ptr<float>();
       for (int step = 0; step < steps; ++step) {

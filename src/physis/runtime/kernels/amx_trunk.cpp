@@ -204,36 +204,36 @@ class Trunk {
 torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& weights, const std::vector<double>& eps,
                        std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values, torch::Tensor valid,
                        torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target, torch::Tensor weight,
-                       torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps,
-                       int64_t threads);
+                       torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps, int64_t threads,
+                       int64_t split);
 
 namespace {
 
-// The flow kernel with its weights held (amx_flow's weights and eps), so that a call converts only what changes
-// per chunk, not some fifty weight tensors
+// The flow kernel with its weights held (amx_flow's weights and eps, heads, head_dim and split), so that a call
+// converts only what changes per chunk, not some fifty weight tensors
 class Flow {
  public:
-  Flow(std::vector<torch::Tensor> weights, std::vector<double> eps, int64_t heads, int64_t head_dim)
-      : weights_(std::move(weights)), eps_(std::move(eps)), heads_(heads), head_dim_(head_dim) {}
+  Flow(std::vector<torch::Tensor> weights, std::vector<double> eps, int64_t heads, int64_t head_dim, int64_t split)
+      : weights_(std::move(weights)), eps_(std::move(eps)), heads_(heads), head_dim_(head_dim), split_(split) {}
 
   torch::Tensor run(torch::Tensor noise, std::vector<torch::Tensor> keys, std::vector<torch::Tensor> values,
                     torch::Tensor valid, torch::Tensor step_terms, torch::Tensor out_term, torch::Tensor target,
                     torch::Tensor weight, torch::Tensor action_mask, int64_t steps, int64_t threads) const {
     return amx_flow(noise, weights_, eps_, std::move(keys), std::move(values), valid, step_terms, out_term, target,
-                    weight, action_mask, heads_, head_dim_, steps, threads);
+                    weight, action_mask, heads_, head_dim_, steps, threads, split_);
   }
 
  private:
   std::vector<torch::Tensor> weights_;
   std::vector<double> eps_;
-  int64_t heads_, head_dim_;
+  int64_t heads_, head_dim_, split_;
 };
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Flow>(m, "Flow")
-      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t>())
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t, int64_t>())
       .def("run", &Flow::run, "one chunk's flow loop");
   m.def("set_amx", [](bool on) { use_amx() = on; }, "tile products on AMX (true) or AVX-512 BF16 (false)");
   m.def("uses_amx", [] { return use_amx(); }, "whether the tile products run on AMX");
