@@ -95,6 +95,20 @@ def test_supports_names_what_the_kernel_cannot_run(model) -> None:
     assert trunk_supports(model) == (None if kernel_isa() else "the CPU has neither AMX tiles nor AVX-512 BF16")
 
 
+def test_the_kernels_path_can_be_chosen_among_those_the_cpu_has(monkeypatch) -> None:
+    here = kernel_isa()
+    monkeypatch.setenv("PHYSIS_KERNEL_ISA", "tpu")
+    with pytest.raises(ValueError, match="'tpu' is not one of amx, avx512-bf16"):
+        kernel_isa()
+    for isa in fused.ISAS:
+        monkeypatch.setenv("PHYSIS_KERNEL_ISA", isa)
+        if isa == here or (here == "amx" and fused._avx512_bf16_cpu()):  # an AMX CPU has both
+            assert kernel_isa() == isa
+        else:
+            with pytest.raises(ValueError, match="but this CPU has"):
+                kernel_isa()
+
+
 def test_a_flow_split_that_does_not_exist_is_refused(model, monkeypatch) -> None:
     monkeypatch.setenv("PHYSIS_FLOW_SPLIT", "diagonal")
     with pytest.raises(ValueError, match="split 'diagonal' is not one of auto, layers, halves"):

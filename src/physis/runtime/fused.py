@@ -47,6 +47,7 @@ TOKENS = 16  # the kernel's one tile of rows: action chunks of this many steps
 # How two threads share the flow loop (`FusedFlow`'s split): as the CPU's ISA favours, the layers between them, or
 # each layer in halves; $PHYSIS_FLOW_SPLIT sets it for a process, to measure one against the other
 FLOW_SPLITS = {"auto": 0, "layers": 1, "halves": 2}
+ISAS = ("amx", "avx512-bf16")  # what the tile products run on (`kernel_isa`)
 STALE_LOCK_S = 300.0  # a build takes well under a minute: a lock older than this was left by a killed build
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,22 @@ def amx_cpu() -> bool:
 
 def kernel_isa() -> str | None:
     """What the kernels' tile products run on here: "amx" (AMX bf16 tiles, Intel Sapphire Rapids and later),
-    "avx512-bf16" (AVX-512 BF16 dot products, e.g. AMD Zen 4 and later), or None where the CPU has neither."""
-    if amx_cpu():
-        return "amx"
-    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        return "avx512-bf16"
-    return None
+    "avx512-bf16" (AVX-512 BF16 dot products, e.g. AMD Zen 4 and later), or None where the CPU has neither.
+    $PHYSIS_KERNEL_ISA picks one of the two that the CPU has (on an AMX CPU, "avx512-bf16" measures the other path);
+    read when the kernel loads."""
+    have = [isa for isa, ok in (("amx", amx_cpu()), ("avx512-bf16", _avx512_bf16_cpu())) if ok]
+    wanted = os.environ.get("PHYSIS_KERNEL_ISA")
+    if wanted:
+        if wanted not in ISAS:
+            raise ValueError(f"PHYSIS_KERNEL_ISA={wanted!r} is not one of {', '.join(ISAS)}")
+        if wanted not in have:
+            raise ValueError(f"PHYSIS_KERNEL_ISA={wanted!r}, but this CPU has {' and '.join(have) or 'neither'}")
+        return wanted
+    return have[0] if have else None
+
+
+def _avx512_bf16_cpu() -> bool:
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def supports(model: PhysisModel) -> str | None:
