@@ -193,12 +193,12 @@ class FusedFlow:
     def __init__(self, model: PhysisModel, split: str | None = None) -> None:
         """split: how two threads share the loop, one of FLOW_SPLITS (default $PHYSIS_FLOW_SPLIT, else "auto": on
         AMX the layers between the cores, without it each layer in halves; measured in docs/benchmarks/runtime.md)."""
-        why = supports(model)
-        if why is not None:
-            raise RuntimeError(f"FusedFlow: {why}")
         split = split or os.environ.get("PHYSIS_FLOW_SPLIT", "auto")
         if split not in FLOW_SPLITS:
             raise ValueError(f"FusedFlow: split {split!r} is not one of {', '.join(FLOW_SPLITS)}")
+        why = supports(model)
+        if why is not None:
+            raise RuntimeError(f"FusedFlow: {why}")
         self.model = model
         cfg = model.config
         self.heads, self.head_dim = cfg.heads, cfg.width // cfg.heads
