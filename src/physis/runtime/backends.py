@@ -498,8 +498,9 @@ def make_engine(model: PhysisModel, backend: str = "eager", **options: Any) -> E
 def _bf16_graphs(model: PhysisModel) -> dict[str, Any]:
     """compile-bf16's settings here: on a CPU with AMX every graph bf16 with its weights frozen in (FROZEN_AMX),
     elsewhere FROZEN_CPP and the flow loop in float32."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if amx and next(model.parameters()).device.type == "cpu":
+    from physis.runtime.fused import amx_cpu
+
+    if amx_cpu() and next(model.parameters()).device.type == "cpu":
         return dict(options=FROZEN_AMX, freeze=True)
     return dict(options=FROZEN_CPP, flow_dtype=torch.float32)
 
