@@ -19,7 +19,17 @@ from physis.model.vocab import BOS, EOS
 from physis.runtime import fused
 from physis.runtime.backends import TEXT_ROUNDING, CompiledEngine, make_engine, with_action_mask
 from physis.runtime.export import BATCH_KEYS, PrefixDraftEncoder, PrefixEncoder, PrefixTokens, example_batch
-from physis.runtime.fused import STALE_LOCK_S, FusedFlow, FusedTrunk, kernel_isa, pack_b, supports, trunk_supports
+from physis.runtime.fused import (
+    STALE_LOCK_S,
+    FusedFlow,
+    FusedTokens,
+    FusedTrunk,
+    kernel_isa,
+    pack_b,
+    supports,
+    tokens_supports,
+    trunk_supports,
+)
 
 A = 7
 needs_kernel = pytest.mark.skipif(kernel_isa() is None, reason="the kernels need AMX tiles or AVX-512 BF16")
@@ -37,24 +47,19 @@ def isa(request) -> str:
     ext.set_amx(here == "amx")
 
 
-@pytest.fixture(scope="module")
-def model() -> PhysisModel:
-    torch.manual_seed(0)
+def _tiny(**overrides: object) -> PhysisModel:
     # heads 32 wide and expert widths in whole tiles, as the kernels need; 16 action steps. 8 stem channels: the
     # library's bf16 convolution of tiny's 16 channels with 4x4 patches (stride 4) is wrong on some CPUs (relative
     # error ~1 against float32, torch 2.13), and the engine's bf16 tokens are compared with float32 ones here
-    cfg = ModelConfig.preset(
-        "tiny",
-        image_size=32,
-        stem_channels=8,
-        action_dim=A,
-        state_dim=5,
-        cameras=2,
-        heads=2,
-        expert_width=64,
-        subtask_vocab=("reach", "the", "goal", "push", "block"),
-    )
-    return PhysisModel(cfg).eval()
+    shape = dict(image_size=32, stem_channels=8, action_dim=A, state_dim=5, cameras=2, heads=2, expert_width=64,
+                 subtask_vocab=("reach", "the", "goal", "push", "block"))
+    return PhysisModel(ModelConfig.preset("tiny", **{**shape, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> PhysisModel:
+    torch.manual_seed(0)
+    return _tiny()
 
 
 def test_pack_b_lays_a_weight_out_in_tiles_of_pairs() -> None:
@@ -93,6 +98,10 @@ def test_supports_names_what_the_kernel_cannot_run(model) -> None:
         PhysisModel(ModelConfig.preset("tiny", action_dim=A, state_dim=5, heads=2, mlp_ratio=2.25))
     )
     assert trunk_supports(model) == (None if kernel_isa() else "the CPU has neither AMX tiles nor AVX-512 BF16")
+    for shape in (dict(stem_blocks=1), dict(keypoints=4)):
+        assert "stem blocks or keypoints" in tokens_supports(_tiny(**shape))
+    assert "instruction's width" in tokens_supports(_tiny(text_dim=48))
+    assert tokens_supports(model) == trunk_supports(model)
 
 
 def test_the_kernels_path_can_be_chosen_among_those_the_cpu_has(monkeypatch) -> None:
@@ -196,10 +205,50 @@ def test_the_trunk_kernel_encodes_and_checks_a_draft_as_the_eager_model_does(mod
             trunk(tokens, mask, torch.full_like(d, 10_000))
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {},  # the fixture's model: two cameras, one of them missing
+        dict(image_size=48, stem_channels=16, history=2, env_state_dim=3, subtask=False),  # 36 patches: a partial
+    ],  # tile; 16 channels padded to 32; two frames; the environment-state query token; no subtask head
+)
+def test_the_tokens_kernel_makes_the_tokens_the_model_makes(model, shape, isa) -> None:
+    if shape:
+        torch.manual_seed(2)
+        model = _tiny(**shape)
+    batch = with_action_mask(example_batch(model, seed=9, text_tokens=5), A)
+    batch["image_mask"][0, -1] = False  # a missing camera
+    batch["text_mask"][0, -1] = False
+    batch["state_mask"][0, 1] = False
+    inputs = [batch[k] for k in BATCH_KEYS]
+    tokens = FusedTokens(model)
+    with torch.inference_mode():
+        ref, ref_mask = PrefixTokens(model)(*inputs)
+        out, mask = tokens(batch)
+        assert _close(out, ref) and torch.equal(mask, ref_mask) and not bool(mask.all())
+        if model.config.subtask:  # a draft's embeddings after the prefix's tokens
+            d, _ = padded_draft(torch.tensor([[BOS, 5, 6, EOS]]), model.config.max_subtask_tokens, "cpu")
+            ref, _ = PrefixTokens(model, draft=True)(*inputs, d)
+            assert _close(tokens(batch, d)[0], ref)
+            with pytest.raises(RuntimeError, match="outside the vocabulary"):
+                tokens(batch, torch.full_like(d, 10_000))
+        with pytest.raises(RuntimeError, match="outside the table"):
+            tokens({**batch, "embodiment": torch.tensor([3])})
+        with pytest.raises(RuntimeError, match="images must be"):
+            tokens({**batch, "images": batch["images"][..., :16, :16]})
+
+
 @needs_kernel
-def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_the_graph(model, monkeypatch) -> None:
+@pytest.mark.parametrize("keypoints", [0, 4])  # the tokens from the kernel, or (with keypoints) from a graph
+def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_the_graph(
+    model, keypoints, monkeypatch
+) -> None:
     monkeypatch.setattr(CompiledEngine, "_compile", lambda self, module: module)  # the graphs' modules, eagerly
+    if keypoints:
+        torch.manual_seed(3)
+        model = _tiny(keypoints=keypoints)
     engine = CompiledEngine(model, torch.bfloat16, unrolled=True, fused=True)
+    assert (engine._tokens_kernel is None) == bool(keypoints)
     eager = make_engine(model, "eager")
     batch = example_batch(model, batch=2, seed=6, text_tokens=TEXT_ROUNDING)  # as long as the graphs pad it to
     one = {k: v[:1] for k, v in batch.items()}
@@ -209,9 +258,10 @@ def test_the_engine_encodes_batch_one_on_the_trunk_kernel_and_larger_batches_on_
     # a right draft ends in the kernel's pass; a wrong one and none decode on from the kernel's prefix (in bf16)
     for draft in (ids, wrong, None):
         out, cache = engine.reason(one, draft=draft)
-        assert torch.equal(out, ids)
-        assert all(_close(k, r) for k, r in zip(cache.keys, ref.keys, strict=True))
-        assert all(_close(v, r) for v, r in zip(cache.values, ref.values, strict=True))
+        assert torch.equal(out, ids) and torch.equal(cache.mask, ref.mask)
+        seen = ref.mask[0]  # the keys attended (a decode that ends early leaves PAD rows that none reads)
+        assert all(_close(k[..., seen, :], r[..., seen, :]) for k, r in zip(cache.keys, ref.keys, strict=True))
+        assert all(_close(v[..., seen, :], r[..., seen, :]) for v, r in zip(cache.values, ref.values, strict=True))
     assert _close(engine.encode_prefix(one).keys[-1], eager.encode_prefix(one).keys[-1])
     monkeypatch.setattr(engine, "_trunk", lambda *a: pytest.fail("the kernel was given a batch of two"))
     out, cache = engine.reason(batch, draft=torch.cat([ids, ids]))
@@ -224,16 +274,16 @@ def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model, isa, sp
     inputs = [batch[k] for k in BATCH_KEYS]
     d, _ = padded_draft(torch.tensor([[BOS, 5, EOS]]), model.config.max_subtask_tokens, "cpu")
     noise = torch.randn(1, 16, A, generator=torch.Generator().manual_seed(7))
-    flow, trunk = FusedFlow(model, split), FusedTrunk(model)
+    flow, trunk, make_tokens = FusedFlow(model, split), FusedTrunk(model), FusedTokens(model)
     before = torch.get_num_threads()
     outs = []
     try:
         with torch.inference_mode():
             tokens, mask = PrefixTokens(model, draft=True)(*inputs, d)
             cache = model.generate_subtask(model.encode_prefix(batch, pooled=False))[1]
-            for threads in (1, 2):  # the trunk splits its tokens, the flow its layers or each layer, between the two
-                torch.set_num_threads(threads)
-                outs.append((*trunk(tokens, mask, d), flow(cache, noise, 4)))
+            for threads in (1, 2):  # the tokens kernel splits its patches, the trunk its tokens, the flow its
+                torch.set_num_threads(threads)  # layers or each layer, between the two
+                outs.append((*make_tokens(batch, d), *trunk(tokens, mask, d), flow(cache, noise, 4)))
             ref = model.sample_actions(cache=cache, noise=noise, steps=4)
     finally:
         torch.set_num_threads(before)

@@ -200,16 +200,19 @@ class CompiledEngine(_LoopEngine):
         else:  # the float32 model itself, or a copy in another dtype
             self._flow_net = self.model if self._flow_dtype == torch.float32 else \
                 copy.deepcopy(model).to(self._flow_dtype).eval()
-        self._fused = self._trunk = None
+        self._fused = self._trunk = self._tokens_kernel = None
         if fused:
-            from physis.runtime.fused import FusedFlow, FusedTrunk, trunk_supports
+            from physis.runtime.fused import FusedFlow, FusedTokens, FusedTrunk, tokens_supports, trunk_supports
 
             self._fused = FusedFlow(model)
-            if trunk_supports(model) is None:  # the prefix's tokens from a graph, the trunk over them in the kernel
+            if trunk_supports(model) is None:  # the trunk over the prefix's tokens in a kernel
                 self._trunk = FusedTrunk(model)
-                self._tokens = self._compile(PrefixTokens(self.net, self._env_state))
-                if self.config.subtask:
-                    self._draft_tokens = self._compile(PrefixTokens(self.net, self._env_state, draft=True))
+                if tokens_supports(model) is None:  # the tokens too
+                    self._tokens_kernel = FusedTokens(model)
+                else:  # the tokens from a graph (a tokenizer with stem blocks or keypoints)
+                    self._tokens = self._compile(PrefixTokens(self.net, self._env_state))
+                    if self.config.subtask:
+                        self._draft_tokens = self._compile(PrefixTokens(self.net, self._env_state, draft=True))
         self._reasoner = None
         if unrolled and self.config.subtask:
             self._reasoner = self._compile(PrefixDraftEncoder(self.net, self._env_state))
@@ -262,19 +265,36 @@ class CompiledEngine(_LoopEngine):
     def encode_prefix(self, batch: Batch) -> PrefixCache:
         from physis.runtime.export import BATCH_KEYS, stacked_cache
 
-        batch = self._graph_inputs(batch)
         if self._on_trunk_kernel(batch):
-            tokens, mask, *env_state = self._tokens(*(batch[k] for k in BATCH_KEYS))
+            tokens, mask, estimate = self._kernel_tokens(batch)
             keys, values, _, _ = self._trunk(tokens, mask)
         else:
-            keys, values, mask, *env_state = self._encoder(*(batch[k] for k in BATCH_KEYS))
-        cache = stacked_cache(keys, values, mask, batch["action_mask"].bool())
-        cache.env_state = env_state[0] if env_state else None
+            graph_batch = self._graph_inputs(batch)
+            keys, values, mask, *env_state = self._encoder(*(graph_batch[k] for k in BATCH_KEYS))
+            estimate = env_state[0] if env_state else None
+        cache = stacked_cache(keys, values, mask, self._action_mask(batch))
+        cache.env_state = estimate
         return cache
 
     def _on_trunk_kernel(self, batch: Batch) -> bool:
-        """Whether this (graph-ready) batch's prefix goes through the trunk kernel: fused, and one observation."""
+        """Whether this batch's prefix goes through the trunk kernel: fused, and one observation."""
         return self._trunk is not None and batch["state"].shape[0] == 1
+
+    def _kernel_tokens(self, batch: Batch,
+                       draft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A batch-1 observation's prefix tokens for the trunk kernel (a padded draft's (1, n) after them), the key
+        mask and the localizer's estimate (or None): from the tokens kernel where the model allows, else a graph."""
+        from physis.runtime.export import BATCH_KEYS
+
+        if self._tokens_kernel is not None:
+            return (*self._tokens_kernel(batch, draft), None)
+        batch = self._graph_inputs(batch)
+        graph = self._tokens if draft is None else self._draft_tokens
+        tokens, mask, *env_state = graph(*(batch[k] for k in BATCH_KEYS), *(() if draft is None else (draft,)))
+        return tokens, mask, env_state[0] if env_state else None
+
+    def _action_mask(self, batch: Batch) -> torch.Tensor:
+        return with_action_mask(batch, self.config.action_dim)["action_mask"].bool()
 
     def generate_subtask(self, cache: PrefixCache,
                          draft: torch.Tensor | None = None) -> tuple[torch.Tensor, PrefixCache]:
@@ -291,18 +311,18 @@ class CompiledEngine(_LoopEngine):
 
         if draft is None or self._reasoner is None:
             return super().reason(batch, draft)
-        batch = self._graph_inputs(batch)
         n = self.config.max_subtask_tokens
         # the draft's bookkeeping runs on lists: a dozen ids a row, where each library call would cost ~10 us
         rows, last = padded_draft_rows(draft.tolist(), n)
         d = torch.tensor(rows, dtype=torch.long, device=batch["state"].device)
         if self._on_trunk_kernel(batch):
-            tokens, mask, *env_state = self._draft_tokens(*(batch[k] for k in BATCH_KEYS), d)
+            tokens, mask, estimate = self._kernel_tokens(batch, d)
             keys, values, pred, gap = self._trunk(tokens, mask, d)
         else:
-            keys, values, mask, pred, gap, *env_state = self._reasoner(*(batch[k] for k in BATCH_KEYS), d)
-        estimate = env_state[0] if env_state else None
-        action_mask, p = batch["action_mask"].bool(), mask.shape[1]
+            graph_batch = self._graph_inputs(batch)
+            keys, values, mask, pred, gap, *env_state = self._reasoner(*(graph_batch[k] for k in BATCH_KEYS), d)
+            estimate = env_state[0] if env_state else None
+        action_mask, p = self._action_mask(batch), mask.shape[1]
         # the draft stands where the decode reproduces it up to its EOS, or nearly: a token within DRAFT_TIE of the
         # best logit counts
         if all(draft_agrees(*row) for row in zip(rows, last, pred.tolist(), gap.tolist(), strict=True)):

@@ -39,7 +39,7 @@ from physis.model.trunk import PrefixCache
 from physis.model.vocab import BOS, PAD
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = [KERNELS / "amx_flow.cpp", KERNELS / "amx_trunk.cpp"]
+SOURCES = [KERNELS / "amx_flow.cpp", KERNELS / "amx_trunk.cpp", KERNELS / "amx_tokens.cpp"]
 HEADER = KERNELS / "amx.h"
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-mfma",
          "-fopenmp"]
@@ -93,6 +93,19 @@ def trunk_supports(model: PhysisModel) -> str | None:
     if model.backbone is not None:
         return "the prefix runs through a pretrained backbone"
     return _tiles_fit(model, "trunk", model.config.width, model.config.mlp_ratio)
+
+
+def tokens_supports(model: PhysisModel) -> str | None:
+    """None when the tokens kernel can make `model`'s prefix tokens on this machine, else why not."""
+    why = trunk_supports(model)
+    if why is not None:
+        return why
+    cfg = model.config
+    if cfg.stem_blocks or cfg.keypoints:
+        return "the image tokenizer has residual stem blocks or keypoints"
+    if cfg.text_dim % 32:
+        return "the instruction's width is not a multiple of 32"
+    return None
 
 
 def _tiles_fit(model: PhysisModel, part: str, width: int, mlp_ratio: float) -> str | None:
@@ -254,6 +267,57 @@ class FusedFlow:
             _bool(cache.mask[0]), self._step_terms(steps, action_mask), self.out_term, target, weight, action_mask,
             steps, torch.get_num_threads(),
         )[None]  # fmt: skip
+
+
+class FusedTokens:
+    """A model's prefix tokens from a batch-1 observation on the kernel, as `PrefixTokens` makes them (in bf16
+    matmuls): the image stem and patchify as matmuls over gathered pixels, and the instruction, state, embodiment,
+    query and draft rows, in one call. Weights packed once (a snapshot), as `FusedFlow`'s."""
+
+    def __init__(self, model: PhysisModel) -> None:
+        why = tokens_supports(model)
+        if why is not None:
+            raise RuntimeError(f"FusedTokens: {why}")
+        cfg, tok = model.config, model.prefix
+        d, cs = cfg.width, cfg.stem_channels
+        cp = -(-cs // 32) * 32  # the stem's channels padded, so that a patch's are whole tiles of K
+        stem, patchify = tok.patches.stem[0], tok.patches.patchify
+        text_norm, text_linear = tok.text_proj
+        none = torch.zeros(0, d)
+        with torch.no_grad():
+            weights = [
+                pack_b(F.pad(stem.weight.permute(0, 2, 3, 1).reshape(cs, 27), (0, 0, 0, cp - cs))),  # (dy, dx, colour)
+                F.pad(stem.bias, (0, cp - cs)),
+                pack_b(F.pad(patchify.weight.permute(0, 2, 3, 1).float(), (0, cp - cs)).reshape(d, -1)),
+                patchify.bias + tok.patch_pos + tok.time_emb[:, None] + tok.camera_emb[:, None, None],
+                text_norm.weight,
+                text_norm.bias,
+                pack_b(text_linear.weight),
+                text_linear.bias + tok.text_pos,
+                pack_b(tok.state_proj.weight),
+                tok.state_proj.bias,
+                tok.embodiment.weight,
+                tok.env_query.reshape(1, d) if cfg.env_state_dim else none,
+                model.subtask_emb.weight if cfg.subtask else none,
+                model.subtask_pos if cfg.subtask else none,
+            ]
+        self._no_draft = torch.zeros(0, dtype=torch.long)
+        self.tokens = kernel().Tokens(_kernel_tensors(weights), text_norm.eps, cfg.image_size, cfg.patch_size // 2, cp)
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, torch.Tensor],
+                 draft: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch-1 observation (the engine's keys) -> tokens (1, N (+ n), D) float32, a draft's (1, n) embeddings
+        after the prefix's, and the prefix's key mask (1, N), as `PrefixTokens`."""
+        if batch["state"].shape[0] != 1:
+            raise ValueError("FusedTokens: the kernel runs batch 1")
+        ids = self._no_draft if draft is None else draft[0].long().contiguous()
+        tokens, mask = self.tokens.run(
+            _float32(batch["images"][0]), _bool(batch["image_mask"][0]), _float32(batch["state"][0]),
+            _float32(batch["state_mask"][0]), _float32(batch["text"][0]), _bool(batch["text_mask"][0]),
+            int(batch["embodiment"][0]), ids, torch.get_num_threads(),
+        )  # fmt: skip
+        return tokens[None], mask[None]
 
 
 class FusedTrunk:

@@ -207,6 +207,8 @@ torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& we
                        torch::Tensor action_mask, int64_t heads, int64_t head_dim, int64_t steps, int64_t threads,
                        int64_t split);
 
+void bind_tokens(pybind11::module_& m);  // amx_tokens.cpp
+
 namespace {
 
 // The flow kernel with its weights held (amx_flow's weights and eps, heads, head_dim and split), so that a call
@@ -241,4 +243,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t, int64_t, int64_t,
                           int64_t>())
       .def("run", &Trunk::run, "the trunk over a prefix and a draft on AMX");
+  bind_tokens(m);
 }
