@@ -7,17 +7,21 @@ core: matmuls as bf16 tile products against weights packed once per engine, acti
 bf16 where they enter a matmul), attention over the prefix's cached keys and values, which are packed once per
 chunk, with each step's 16 action keys and values written into their own tiles.
 
-With two threads the flow loop's layers are split between the cores, so that each core's cache holds its own
-layers' weights and context. The prefix's trunk (`FusedTrunk`, `kernels/amx_trunk.cpp`) is the same idea at ~170
-tokens: every block in one call, both cores each taking whole tiles of tokens, with one barrier per block (its keys
-and values are shared). It checks a subtask draft in the same pass, as `PrefixDraftEncoder` does.
+With two threads the cores share the flow loop: on AMX each takes half the layers, so that its cache holds its own
+layers' weights and context; without AMX each takes half of every layer (`FLOW_SPLITS`). The prefix's trunk
+(`FusedTrunk`, `kernels/amx_trunk.cpp`) is the same idea at ~170 tokens: every block in one call, both cores each
+taking whole tiles of tokens, with one barrier per block (its keys and values are shared). It checks a subtask draft
+in the same pass, as `PrefixDraftEncoder` does. The tokens it reads come from a third kernel (`FusedTokens`,
+`kernels/amx_tokens.cpp`): the image stem and patchify convolutions as matmuls over gathered pixels, and the
+instruction, state and draft rows, in one call where a graph made some twenty library calls that each cost more
+than their arithmetic.
 
 Their tile products run on AMX (Intel Sapphire Rapids and later) or, on CPUs without it, as AVX-512 BF16 dot
 products against the same packed tiles (AMD Zen 4 and later; `kernel_isa()`): one build holds both, and the loader
 picks. The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then
 cached) and run only where the CPU has one of the two and the model has their shapes (`supports()`,
 `trunk_supports()` say why not): the `fused` backend refuses elsewhere, and batches of more than one observation
-take compile-bf16's graphs.
+take compile-bf16's graphs (as do the tokens of a tokenizer with stem blocks or keypoints, `tokens_supports()`).
 """
 
 from __future__ import annotations
