@@ -118,6 +118,31 @@ def test_policy_encodes_only_the_instructions_own_tokens(run):
     assert seen == [int(mask.sum())] and seen[0] < policy.model.config.max_text_tokens
 
 
+def test_policy_resizes_other_image_sizes_and_stacks_a_history_of_frames(run):
+    import torch
+    import torch.nn.functional as F
+
+    policy, env, obs = _policy_and_reach_env(run)
+    env.close()
+    cam, size = policy.cameras[0], policy.image_size
+    image = obs["images"][cam]
+    big = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)  # twice the size
+    batch, now = policy._batch({**obs, "images": {**obs["images"], cam: big}}, policy.new_session())
+    resized = F.interpolate(torch.from_numpy(big).permute(2, 0, 1)[None].float() / 255.0, size=(size, size),
+                            mode="bilinear", antialias=True, align_corners=False)[0]
+    assert batch["images"].shape == (1, policy.num_cameras, 1, 3, size, size)
+    assert torch.allclose(batch["images"][0, 0, 0], resized, atol=1e-5) and torch.equal(batch["images"][0, :, 0], now)
+    # with a history of two: the first frame twice, then the previous frame and the new one
+    policy.history = 2
+    session = policy.new_session()
+    first, frame = policy._batch(obs, session)
+    assert first["images"].shape[2] == 2 and torch.equal(first["images"][0, :, 0], first["images"][0, :, 1])
+    session.frames.extend([frame, frame])
+    dark = {**obs, "images": {c: np.zeros_like(v) for c, v in obs["images"].items()}}
+    second, _ = policy._batch(dark, session)
+    assert torch.equal(second["images"][0, :, 0], frame) and not bool(second["images"][0, :, 1].any())
+
+
 def test_the_cuda_graph_backend_gives_the_eager_chunks(run, monkeypatch):
     """On a CPU the cuda-graph engine runs its parts eagerly through static buffers: the same actions."""
     import torch

@@ -208,19 +208,19 @@ class Policy:
         missing = [c for c in self.cameras if c not in obs.get("images", {})]
         if missing:
             raise CheckpointMismatchError(f"observation lacks cameras {missing}; the checkpoint reads {self.cameras}")
-        frames = []
-        for cam in self.cameras[: self.num_cameras]:
-            img = torch.from_numpy(np.ascontiguousarray(obs["images"][cam])).permute(2, 0, 1).float() / 255.0
+        now = torch.zeros(self.num_cameras, 3, self.image_size, self.image_size)  # [C, 3, h, w]; absent cameras 0
+        for i, cam in enumerate(self.cameras[: self.num_cameras]):
+            img = torch.from_numpy(np.ascontiguousarray(obs["images"][cam])).permute(2, 0, 1)
             if tuple(img.shape[-2:]) != (self.image_size, self.image_size):
-                img = F.interpolate(img[None], size=(self.image_size, self.image_size), mode="bilinear",
+                img = F.interpolate(img[None].float(), size=(self.image_size, self.image_size), mode="bilinear",
                                     antialias=True, align_corners=False)[0]
-            frames.append(img)
-        while len(frames) < self.num_cameras:
-            frames.append(torch.zeros(3, self.image_size, self.image_size))
-        now = torch.stack(frames)  # [C, 3, h, w]
-        # The first frames repeat, as padding does in training.
-        window = ([*session.frames, now] if session.frames else [now] * self.history)[-self.history:]
-        images = torch.stack(window, dim=1)[None]  # [1, C, T, 3, h, w]
+            now[i] = img  # converted as it is copied in
+        now /= 255.0
+        if self.history == 1:
+            images = now[None, :, None]  # [1, C, 1, 3, h, w], a view
+        else:  # the first frames repeat, as padding does in training
+            window = ([*session.frames, now] if session.frames else [now] * self.history)[-self.history:]
+            images = torch.stack(window, dim=1)[None]  # [1, C, T, 3, h, w]
         image_mask = torch.zeros(1, self.num_cameras, dtype=torch.bool)
         image_mask[0, : min(len(self.cameras), self.num_cameras)] = True
 
@@ -308,7 +308,8 @@ class Policy:
                 raise CheckpointMismatchError(f"observation {i}: {e}") from None
             samples.append(sample)
             frames.append(now)
-        batch = trim_text_padding({k: torch.cat([b[k] for b in samples]) for k in samples[0]})
+        batch = trim_text_padding(samples[0] if len(samples) == 1 else
+                                  {k: torch.cat([b[k] for b in samples]) for k in samples[0]})
         subtasks, chunks, env_state = self._sample_batch(batch, sessions, prefix_actions, prefix_weights)
         outs = []
         for i, session in enumerate(sessions):
