@@ -292,23 +292,25 @@ def test_the_kernels_give_the_same_numbers_on_one_core_and_on_two(model, isa, sp
 
 
 @needs_kernel
-def test_the_flow_kernel_runs_when_openmp_gives_fewer_threads_than_asked(tmp_path) -> None:
-    # a thread limit hands the kernel a team of one where it asked for two: one thread must then run every layer
+def test_the_kernels_run_first_in_a_process_and_when_openmp_gives_fewer_threads_than_asked(tmp_path) -> None:
+    # a thread limit hands each kernel a team of one where it asked for two: one thread must then do all the work;
+    # and the tokens kernel, the first a chunk calls, must itself ask for AMX's tile state in a fresh process
     script = tmp_path / "one_thread.py"
     script.write_text(
         "import torch\n"
         "from physis.model import ModelConfig, PhysisModel\n"
         "from physis.runtime.export import example_batch\n"
-        "from physis.runtime.fused import FusedFlow\n"
+        "from physis.runtime.fused import FusedFlow, FusedTokens\n"
         "torch.manual_seed(0)\n"
         "torch.set_num_threads(2)\n"
         "cfg = ModelConfig.preset('tiny', image_size=32, action_dim=7, state_dim=5, heads=2, expert_width=64)\n"
         "model = PhysisModel(cfg).eval()\n"
         "batch = example_batch(model)\n"
         "with torch.inference_mode():\n"
+        "    tokens, _ = FusedTokens(model)(batch)\n"
         "    cache = model.encode_prefix(batch, pooled=False)\n"
         "    out = FusedFlow(model)(cache, torch.randn(1, 16, 7), 3)\n"
-        "print('ok', bool(out.isfinite().all()))\n"
+        "print('ok', bool(out.isfinite().all() and tokens.isfinite().all()))\n"
     )
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)

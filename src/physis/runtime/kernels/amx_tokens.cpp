@@ -65,6 +65,7 @@ class Tokens {
   std::vector<torch::Tensor> run(torch::Tensor images, torch::Tensor image_mask, torch::Tensor state,
                                  torch::Tensor state_mask, torch::Tensor text, torch::Tensor text_mask,
                                  int64_t embodiment, torch::Tensor draft, int64_t threads) const {
+    TORCH_CHECK(tiles_ready(), "amx_tokens: the kernel could not enable AMX tiles on this CPU");
     TORCH_CHECK(images.dim() == 5 && images.size(0) <= cameras_ && images.size(1) == history_ &&
                     images.size(2) == 3 && images.size(3) == S_ && images.size(4) == S_,
                 "amx_tokens: images must be (C <= cameras, history, 3, image_size, image_size)");
