@@ -146,6 +146,11 @@ def bench_latency(cfg: LatencyBenchConfig) -> None:
     for s in r["skipped"]:
         if "steps" not in s:  # a backend that could not be built; uncached onnx/compile rows are skipped by design
             console.print(f"[yellow]skipped {s['preset']} {s['backend']}:[/] {s['reason']}", highlight=False)
+    machine = r["machine"]
+    if machine.get("steal_s"):  # a shared virtual machine: its host ran something else on these CPUs meanwhile
+        console.print(f"the hypervisor took {machine['steal_s']:.2f} CPU-s from this machine during the "
+                      f"{machine['timing_s']:.1f} s of timing (steal): on a shared machine, compare runs with little "
+                      "of it", highlight=False)
     console.print(f"results in {cfg.out / 'results.json'}")
 
 

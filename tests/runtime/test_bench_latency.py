@@ -30,6 +30,28 @@ def test_bench_latency_writes_every_field(tmp_path) -> None:
     assert "tiny/eager" in result["setup_s"] and result["machine"]["torch"] == torch.__version__
     # which CPU and which kernel path, so that results from different machines are not compared blindly
     assert result["machine"]["cpu"] and result["machine"]["kernel_isa"] in (None, "amx", "avx512-bf16")
+    # how long the chunks were timed, and how much of the CPUs the hypervisor took meanwhile (None: not Linux)
+    assert result["machine"]["timing_s"] >= sum(r["min_ms"] * r["repeats"] for r in (on, off)) / 1e3 > 0
+    assert result["machine"]["steal_s"] is None or result["machine"]["steal_s"] >= 0
+
+
+def test_steal_time_is_read_from_proc_stat_or_left_unknown(monkeypatch) -> None:
+    from pathlib import Path
+
+    from physis.runtime import bench_latency
+
+    here = bench_latency.steal_seconds()
+    assert here is None or here >= 0
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "cpu  10 0 5 100 0 0 0 250 0 0\ncpu0 1 2 3\n")
+    assert bench_latency.steal_seconds() == 250 / bench_latency.os.sysconf("SC_CLK_TCK")
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "intr 1 2 3\n")
+    assert bench_latency.steal_seconds() is None
+    monkeypatch.setattr(Path, "read_text", _no_proc_stat)
+    assert bench_latency.steal_seconds() is None
+
+
+def _no_proc_stat(self, *args, **kwargs):
+    raise OSError("no /proc/stat here")
 
 
 def test_flop_count_grows_with_steps_and_counts_attention() -> None:

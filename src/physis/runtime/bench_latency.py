@@ -11,7 +11,9 @@ one dtype's floor plus the flow loop's at the other's.
 
 The configurations of a preset are timed round-robin, five chunks at a time, so that whatever else the machine
 does meanwhile falls on all of them alike; `cpu_p50_ms` (process CPU time per chunk) is the steadier figure
-on a shared machine, p50/p90/p99 (wall clock) the ones a control loop sees.
+on a shared machine, p50/p90/p99 (wall clock) the ones a control loop sees. On Linux the results also record how
+much CPU time the hypervisor took from this machine while the chunks were timed (`machine.steal_s`, from
+/proc/stat): on a shared virtual machine, a run with much of it ran slow for reasons outside the model.
 
 `--device cuda` times the models on a GPU: each chunk ends with a device synchronization, the floor is a matmul
 on that device, and the CPU-only backends (int8, onnx, onnx-int8) are skipped with the reason.
@@ -117,6 +119,7 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     setup: dict[str, float] = {}
+    timing_s, steal_s = 0.0, 0.0  # wall seconds of the timed chunks, and the hypervisor's steal meanwhile
     rounds = -(-cfg.repeats // BLOCK)
     n_configs = len(cfg.backends) * len(cfg.steps) * len(cfg.cache)
     with progress_bar("timing", "config", enabled=cfg.progress) as bar:
@@ -155,12 +158,16 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
                             timers.append(_Timer(cfg, engine, batch, steps, cache))
             # Round-robin over the configurations, a few chunks each, so that whatever else the machine does
             # during the run falls on all of them alike.
+            steal0, t0 = steal_seconds(), time.perf_counter()
             for _ in range(rounds):
                 for timer in timers:
                     bar.update(task, config=timer.label(name))
                     timer.run(BLOCK)
                     bar.advance(task)
                 bar.advance(task, n_configs - len(timers))
+            timing_s += time.perf_counter() - t0
+            steal1 = steal_seconds()
+            steal_s = None if steal0 is None or steal1 is None or steal_s is None else steal_s + steal1 - steal0
             memo: dict[tuple, Any] = {}  # FLOPs per (steps, cache), floors per (FLOPs, dtype): shared by backends
             for timer in timers:
                 results.append(_row(cfg, name, model, batch, timer, memo))
@@ -175,7 +182,8 @@ def _run(cfg: LatencyBenchConfig, threads: int) -> dict[str, Any]:
         "setup_s": setup,
         "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine(), "cpu": cpu_name(),
-                    "kernel_isa": kernel_isa(), "torch": torch.__version__,
+                    "kernel_isa": kernel_isa(), "torch": torch.__version__, "timing_s": round(timing_s, 3),
+                    "steal_s": None if steal_s is None else round(steal_s, 3),
                     "device": str(device),
                     **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "date": date.today().isoformat(),
@@ -352,6 +360,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def steal_seconds() -> float | None:
+    """CPU seconds the hypervisor has taken from this machine since boot, all CPUs together (/proc/stat's steal);
+    None where the system does not say."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK") if fields[0] == "cpu" and len(fields) > 8 else None
+    except (OSError, ValueError):
+        return None
 
 
 def _sync(device: torch.device) -> None:
