@@ -13,7 +13,8 @@ The configurations of a preset are timed round-robin, five chunks at a time, so 
 does meanwhile falls on all of them alike; `cpu_p50_ms` (process CPU time per chunk) is the steadier figure
 on a shared machine, p50/p90/p99 (wall clock) the ones a control loop sees. On Linux the results also record how
 much CPU time the hypervisor took from this machine while the chunks were timed (`machine.steal_s`, from
-/proc/stat): on a shared virtual machine, a run with much of it ran slow for reasons outside the model.
+/proc/stat): on a shared virtual machine, a run with much of it ran slow for reasons outside the model (one without
+it may still have: a neighbour on the same physical cores slows it without taking its CPUs away).
 
 `--device cuda` times the models on a GPU: each chunk ends with a device synchronization, the floor is a matmul
 on that device, and the CPU-only backends (int8, onnx, onnx-int8) are skipped with the reason.
