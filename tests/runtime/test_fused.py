@@ -225,17 +225,24 @@ def test_the_tokens_kernel_makes_the_tokens_the_model_makes(model, shape, isa) -
     with torch.inference_mode():
         ref, ref_mask = PrefixTokens(model)(*inputs)
         out, mask = tokens(batch)
-        assert _close(out, ref) and torch.equal(mask, ref_mask) and not bool(mask.all())
+        assert _tokens_close(out, ref) and torch.equal(mask, ref_mask) and not bool(mask.all())
         if model.config.subtask:  # a draft's embeddings after the prefix's tokens
             d, _ = padded_draft(torch.tensor([[BOS, 5, 6, EOS]]), model.config.max_subtask_tokens, "cpu")
             ref, _ = PrefixTokens(model, draft=True)(*inputs, d)
-            assert _close(tokens(batch, d)[0], ref)
+            assert _tokens_close(tokens(batch, d)[0], ref)
             with pytest.raises(RuntimeError, match="outside the vocabulary"):
                 tokens(batch, torch.full_like(d, 10_000))
         with pytest.raises(RuntimeError, match="outside the table"):
             tokens({**batch, "embodiment": torch.tensor([3])})
         with pytest.raises(RuntimeError, match="images must be"):
             tokens({**batch, "images": batch["images"][..., :16, :16]})
+
+
+def _tokens_close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Within 1% of the scale at worst and 0.2% on average (measured: 0.2% and 0.02%, bf16 products): an embedding
+    added to the wrong rows (a camera's, a frame's; ~2% of the scale) moves the average by far more."""
+    err, scale = (out - ref).abs(), ref.abs().max()
+    return out.shape == ref.shape and bool(err.max() < 0.01 * scale) and bool(err.mean() < 0.002 * scale)
 
 
 @needs_kernel

@@ -113,7 +113,7 @@ def tokens_supports(model: PhysisModel) -> str | None:
 
 
 def _tiles_fit(model: PhysisModel, part: str, width: int, mlp_ratio: float) -> str | None:
-    """What both kernels need: heads 32 wide, a `part` whose widths are whole tiles, and AMX."""
+    """What the kernels need: heads 32 wide, a `part` whose widths are whole tiles, and AMX or AVX-512 BF16."""
     cfg = model.config
     if cfg.width // cfg.heads != 32:
         return f"the kernel's heads are 32 wide, the model's {cfg.width // cfg.heads}"
