@@ -232,8 +232,10 @@ class Policy:
         if state.shape != (self.spec.state_dim,):
             raise CheckpointMismatchError(
                 f"state has {state.shape[0]} values; {self.spec.name} has {self.spec.state_dim}")
-        state_t = self.state_norm({"observation.state": torch.from_numpy(state)})["observation.state"]
-        mask = torch.from_numpy(self.state_map.mask)
+        # normalized and placed in the unified space in numpy: on a vector of a few dozen values each library call
+        # costs more than its arithmetic, and numpy's calls cost less (the same float32 operations)
+        mask = self.state_map.mask
+        state_n = self.state_norm({"observation.state": state})["observation.state"]
         text, text_mask = self.text.encode(obs.get("instruction", ""))
         held = {}
         if self._latch is not None:
@@ -244,7 +246,8 @@ class Policy:
                     "env_state_given_mask": torch.from_numpy(given_mask)[None]}
         return {
             "images": images, "image_mask": image_mask,
-            "state": (self.state_map.to_unified(state_t.float()) * mask)[None], "state_mask": mask[None],
+            "state": torch.from_numpy(self.state_map.to_unified(state_n) * mask)[None],
+            "state_mask": torch.from_numpy(mask)[None],
             "text": torch.as_tensor(text)[None], "text_mask": torch.as_tensor(text_mask)[None],
             "embodiment": torch.tensor([self.embodiment_index]),
             "action_mask": torch.from_numpy(self.action_map.mask)[None],  # the body's DoF, for sampling
@@ -368,8 +371,8 @@ class Policy:
 
     def _native(self, unified: torch.Tensor, session: PolicySession) -> dict[str, Any]:
         """A unified chunk [H, A] -> {"actions": [H, D] native, clamped} (or the held last safe action)."""
-        native = self.action_map.from_unified(unified.float())
-        native = self.action_norm.unnormalize({"action": native})["action"].numpy().astype(np.float64)
+        native = self.action_map.from_unified(unified.float().numpy())  # numpy, as the state (see `_batch`)
+        native = self.action_norm.unnormalize({"action": native})["action"].astype(np.float64)
         if not np.all(np.isfinite(native)):
             return {"actions": np.repeat(session.last_safe[None], len(native), axis=0),
                     "unsafe": "the model produced a non-finite action; holding the last safe action"}
