@@ -1,4 +1,4 @@
-"""The flow and trunk kernels (on AMX tiles or AVX-512 BF16) against the eager float32 model (a tiny model with
+"""The tokens, trunk and flow kernels (on AMX tiles or AVX-512 BF16) against the eager float32 model (a tiny model with
 the kernels' shapes, random weights)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +20,6 @@ from physis.runtime import fused
 from physis.runtime.backends import TEXT_ROUNDING, CompiledEngine, make_engine, with_action_mask
 from physis.runtime.export import BATCH_KEYS, PrefixDraftEncoder, PrefixEncoder, PrefixTokens, example_batch
 from physis.runtime.fused import (
-    STALE_LOCK_S,
     FusedFlow,
     FusedTokens,
     FusedTrunk,
@@ -70,21 +69,65 @@ def test_pack_b_lays_a_weight_out_in_tiles_of_pairs() -> None:
         assert packed[n // 16, k // 32, (k % 32) // 2, n % 16, k % 2] == ref[n, k]
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch) -> None:
+def _fake_loader(monkeypatch, calls: list) -> None:
+    """The loader replaced by one that records what it was asked (an extension that takes the choice of tile
+    products), and the kernel built afresh by the next `fused.kernel()`."""
+    monkeypatch.setattr(torch.utils.cpp_extension, "load",
+                        lambda **kw: calls.append(kw) or SimpleNamespace(asked=kw, set_amx=print))
+    fused.kernel.cache_clear()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_build_waited_for(tmp_path, monkeypatch) -> None:
+    import fcntl
+    import threading
+
     monkeypatch.setenv("PHYSIS_KERNEL_CACHE", str(tmp_path))
-    # what the loader would be asked, as an extension that takes the choice of tile products
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", lambda **kw: SimpleNamespace(asked=kw, set_amx=print))
-    lock = fused.build_directory() / "lock"
-    lock.parent.mkdir(parents=True)
+    calls: list = []
+    _fake_loader(monkeypatch, calls)
+    build = fused.build_directory()
+    build.mkdir(parents=True)
     try:
-        for age, kept in ((2 * STALE_LOCK_S, False), (1.0, True)):
-            lock.touch()
-            os.utime(lock, (time.time() - age, time.time() - age))
-            fused.kernel.cache_clear()
-            assert fused.kernel().asked["build_directory"] == str(lock.parent)
-            assert lock.exists() == kept
+        (build / "lock").touch()  # torch's lock file, as a build killed midway leaves it
+        assert fused.kernel().asked["build_directory"] == str(build) and not (build / "lock").exists()
+        # another process building now holds the lock: the loader waits until it lets go
+        fused.kernel.cache_clear()
+        with open(build / "physis.lock", "w") as other:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            waiting = threading.Thread(target=fused.kernel)
+            waiting.start()
+            waiting.join(0.5)
+            assert waiting.is_alive() and len(calls) == 1
+        waiting.join(10)
+        assert not waiting.is_alive() and len(calls) == 2
     finally:
         fused.kernel.cache_clear()  # the real extension for the tests after this one
+
+
+def test_two_checkouts_of_the_same_sources_share_a_build_and_a_changed_header_gets_its_own(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("PHYSIS_KERNEL_CACHE", str(tmp_path / "cache"))
+    asked = []
+    for checkout in ("a", "b", "c"):
+        here = tmp_path / checkout
+        here.mkdir()
+        for path in (*fused.SOURCES, fused.HEADER):
+            (here / path.name).write_bytes(path.read_bytes())
+        if checkout == "c":
+            (here / fused.HEADER.name).write_text(fused.HEADER.read_text() + "\n// changed\n")
+        monkeypatch.setattr(fused, "SOURCES", [here / p.name for p in fused.SOURCES])
+        monkeypatch.setattr(fused, "HEADER", here / fused.HEADER.name)
+        calls: list = []
+        _fake_loader(monkeypatch, calls)
+        try:
+            asked.append(fused.kernel().asked)
+        finally:
+            fused.kernel.cache_clear()
+    a, b, c = asked
+    assert a["sources"] == b["sources"] and a["build_directory"] == b["build_directory"]
+    assert all(src.startswith(a["build_directory"]) for src in a["sources"])
+    assert c["build_directory"] != a["build_directory"]
+    assert (Path(c["build_directory"]) / fused.HEADER.name).read_text().endswith("// changed\n")
 
 
 def test_supports_names_what_the_kernel_cannot_run(model) -> None:

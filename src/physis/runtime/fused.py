@@ -26,12 +26,13 @@ take compile-bf16's graphs (as do the tokens of a tokenizer with stem blocks or 
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import logging
 import os
+import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,6 @@ TOKENS = 16  # the kernel's one tile of rows: action chunks of this many steps
 # each layer in halves; $PHYSIS_FLOW_SPLIT sets it for a process, to measure one against the other
 FLOW_SPLITS = {"auto": 0, "layers": 1, "halves": 2}
 ISAS = ("amx", "avx512-bf16")  # what the tile products run on (`kernel_isa`)
-STALE_LOCK_S = 300.0  # a build takes well under a minute: a lock older than this was left by a killed build
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ def _tiles_fit(model: PhysisModel, part: str, width: int, mlp_ratio: float) -> s
 
 @functools.cache
 def kernel() -> Any:
-    """The compiled extension: built on first use (about 25 s) into `build_directory()`, then loaded from there."""
+    """The compiled extension: built on first use (about a minute on two cores) into `build_directory()`, then
+    loaded from there."""
     from torch.utils.cpp_extension import load
 
     # torch's loader calls `ninja` from PATH; the pip package puts it beside this interpreter, which a
@@ -136,23 +137,45 @@ def kernel() -> Any:
         os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     build = build_directory()
     build.mkdir(parents=True, exist_ok=True)
-    # a build killed midway leaves its lock behind, and the loader would wait for it forever
-    lock = build / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-        log.warning("removing a stale build lock of the AMX kernel (%s)", lock)
-        lock.unlink(missing_ok=True)
-    # the loader rebuilds when a source or a flag changes, not the shared header: its hash goes in as a flag
-    header = hashlib.sha256(HEADER.read_bytes()).hexdigest()[:16]
-    ext = load(name="physis_amx", sources=[str(s) for s in SOURCES], extra_cflags=[*FLAGS, f"-DAMX_H={header}"],
-               extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
+    # One build at a time, under a lock that the system releases when its holder dies. torch's loader has its own
+    # lock file, which a build killed midway (Ctrl-C on a first `physis serve`) leaves behind, and which the next
+    # loader would wait on forever; under this lock no one else is building, so such a file is stale.
+    with open(build / "physis.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        if (build / "lock").exists():
+            log.warning("removing the build lock that a killed build of the kernels left (%s)", build / "lock")
+            (build / "lock").unlink()
+        sources = _sources_in(build)
+        ext = load(name="physis_amx", sources=[str(s) for s in sources if s.suffix == ".cpp"], extra_cflags=FLAGS,
+                   extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     ext.set_amx(kernel_isa() == "amx")  # one build for both: the tile products branch on this
     return ext
 
 
 def build_directory() -> Path:
-    """Where the kernel is built: $PHYSIS_KERNEL_CACHE, else ~/.cache/physis/kernels, per torch version."""
+    """Where the kernel is built: $PHYSIS_KERNEL_CACHE, else ~/.cache/physis/kernels, in a directory per torch
+    version and per content of the sources, the header and the flags (the loader itself would not rebuild for a
+    changed header)."""
     root = Path(os.environ.get("PHYSIS_KERNEL_CACHE", Path.home() / ".cache" / "physis" / "kernels"))
-    return root / f"amx-torch{torch.__version__}"
+    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    for path in (*SOURCES, HEADER):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return root / f"amx-torch{torch.__version__}-{digest.hexdigest()[:12]}"
+
+
+def _sources_in(build: Path) -> list[Path]:
+    """The sources and the header, copied into the build directory where they are not there already: compiled
+    from there, the commands are the same from any checkout, so two checkouts of the same sources share one build
+    instead of rebuilding over each other (a copy rewritten with the same bytes would look new to ninja)."""
+    copies = []
+    for path in (*SOURCES, HEADER):
+        copy = build / path.name
+        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+            tmp = copy.with_suffix(copy.suffix + ".tmp")
+            shutil.copyfile(path, tmp)
+            tmp.replace(copy)
+        copies.append(copy)
+    return copies
 
 
 def pack_b(w: torch.Tensor) -> torch.Tensor:
