@@ -26,7 +26,6 @@ take compile-bf16's graphs (as do the tokens of a tokenizer with stem blocks or 
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import logging
@@ -128,6 +127,8 @@ def _tiles_fit(model: PhysisModel, part: str, width: int, mlp_ratio: float) -> s
 def kernel() -> Any:
     """The compiled extension: built on first use (about a minute on two cores) into `build_directory()`, then
     loaded from there."""
+    import fcntl  # POSIX: the kernels build with GCC on Linux
+
     from torch.utils.cpp_extension import load
 
     # torch's loader calls `ninja` from PATH; the pip package puts it beside this interpreter, which a
