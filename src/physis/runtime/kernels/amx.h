@@ -62,6 +62,25 @@ inline void release_tiles() {
   if (use_amx()) _tile_release();
 }
 
+// One kernel thread's state for the length of a parallel region: its tiles configured, and denormals flushed (the
+// softmax weights of masked keys and GELU's far tails fall there, each a microcode assist); both undone at the end
+class ThreadTiles {
+ public:
+  ThreadTiles() : csr_(_mm_getcsr()) {
+    configure_tiles();
+    _mm_setcsr(csr_ | 0x8040);
+  }
+  ~ThreadTiles() {
+    release_tiles();
+    _mm_setcsr(csr_);
+  }
+  ThreadTiles(const ThreadTiles&) = delete;
+  ThreadTiles& operator=(const ThreadTiles&) = delete;
+
+ private:
+  unsigned csr_;
+};
+
 constexpr float LOG2E = 1.44269504088896341f;
 
 // 2^x, a degree-3 fit on the fraction: relative error under 8e-5, far below the bf16 rounding that everything it

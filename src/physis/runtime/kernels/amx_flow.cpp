@@ -262,10 +262,7 @@ torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& we
     // the team OpenMP gives, which may be smaller than asked (a thread limit, a nested region)
     const int tid = omp_get_thread_num(), team = omp_get_num_threads();
     Scratch s(f.W, f.H, f.D, f.AO, f.AP, f.nkp);
-    configure_tiles();
-    // flush denormals: softmax weights of masked keys and GELU's far tails fall there, each a microcode assist
-    const unsigned csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040);
+    const ThreadTiles thread_tiles;
     if (halves) {
       // each thread its own state (the first's x is the output); its heads' context, of every layer
       std::vector<float> own_x, own_h(T * f.D);
@@ -310,8 +307,6 @@ torch::Tensor amx_flow(torch::Tensor noise, const std::vector<torch::Tensor>& we
         if (team == 2) (tid == 0 ? h_ready : x_ready).store(step, std::memory_order_release);
       }
     }
-    release_tiles();
-    _mm_setcsr(csr);
   }
   const bool* amask = action_mask.data_ptr<bool>();
   float* x = x_out.data_ptr<float>();

@@ -104,9 +104,7 @@ class Tokens {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-      configure_tiles();
-      const unsigned csr = _mm_getcsr();
-      _mm_setcsr(csr | 0x8040);  // flush denormals
+      const ThreadTiles thread_tiles;
       for (int r = tid; r < frames * S_; r += team) {  // one image row at a time
         const int f = r / S_, y = r % S_;
         const float* src = img + (static_cast<size_t>(f) * 3 * S_ + y) * S_;
@@ -131,8 +129,6 @@ class Tokens {
         for (int i = 0; i < count * D_; i += 16)
           _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(acc.data() + i), _mm512_loadu_ps(terms + i)));
       }
-      release_tiles();
-      _mm_setcsr(csr);
     }
     return {tokens, mask};
   }

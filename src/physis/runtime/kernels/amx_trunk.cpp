@@ -83,9 +83,7 @@ class Trunk {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-      configure_tiles();
-      const unsigned csr = _mm_getcsr();
-      _mm_setcsr(csr | 0x8040);  // flush denormals: each costs a microcode assist
+      const ThreadTiles thread_tiles;
       const int t0 = tiles * tid / team, t1 = tiles * (tid + 1) / team, rows = (t1 - t0) * 16;
       // the last block's share of the draft's tiles, dealt from the last thread down: the first threads have the
       // fewer tokens when the tiles do not split evenly
@@ -157,8 +155,6 @@ class Trunk {
         gemm_rows(a16.data(), H_, a1 - a0, ly.fc2, H_, D_, tmp.data(), D_);
         add_residual(hq, tmp.data(), arows, D_, ly.fc2_b);
       }
-      release_tiles();
-      _mm_setcsr(csr);
     }
 
     torch::Tensor pred = torch::zeros({1, std::max(n - 1, 0)}, torch::TensorOptions().dtype(torch::kInt64));
