@@ -34,16 +34,18 @@ A = 7
 needs_kernel = pytest.mark.skipif(kernel_isa() is None, reason="the kernels need AMX tiles or AVX-512 BF16")
 
 
-@pytest.fixture(params=["amx", "avx512-bf16"])
+@pytest.fixture(params=fused.ISAS)
 def isa(request) -> str:
-    """Each way the kernels' tile products run that this CPU has (a CPU with AMX has AVX-512 BF16 too)."""
+    """Each way the kernels' tile products run that this CPU has (a CPU with AMX has AVX-512 BF16 too), and the AMX
+    path with its tile instructions emulated: on a CPU without AMX, the one check of that path's tiles."""
     here = kernel_isa()
     if here is None or (request.param == "amx" and here != "amx"):
         pytest.skip(f"this CPU cannot run the kernels on {request.param}")
     ext = fused.kernel()
-    ext.set_amx(request.param == "amx")
+    ext.set_isa(request.param)
+    assert ext.isa() == request.param
     yield request.param
-    ext.set_amx(here == "amx")
+    ext.set_isa(here)
 
 
 def _tiny(**overrides: object) -> PhysisModel:
@@ -73,7 +75,7 @@ def _fake_loader(monkeypatch, calls: list) -> None:
     """The loader replaced by one that records what it was asked (an extension that takes the choice of tile
     products), and the kernel built afresh by the next `fused.kernel()`."""
     monkeypatch.setattr(torch.utils.cpp_extension, "load",
-                        lambda **kw: calls.append(kw) or SimpleNamespace(asked=kw, set_amx=print))
+                        lambda **kw: calls.append(kw) or SimpleNamespace(asked=kw, set_isa=print))
     fused.kernel.cache_clear()
 
 
@@ -148,13 +150,15 @@ def test_supports_names_what_the_kernel_cannot_run(model) -> None:
 
 
 def test_the_kernels_path_can_be_chosen_among_those_the_cpu_has(monkeypatch) -> None:
-    here = kernel_isa()
+    monkeypatch.delenv("PHYSIS_KERNEL_ISA", raising=False)
+    here, bf16 = kernel_isa(), fused._avx512_bf16_cpu()
+    assert here == ("amx" if fused.amx_cpu() else "avx512-bf16" if bf16 else None)  # never the emulation unasked
     monkeypatch.setenv("PHYSIS_KERNEL_ISA", "tpu")
-    with pytest.raises(ValueError, match="'tpu' is not one of amx, avx512-bf16"):
+    with pytest.raises(ValueError, match="'tpu' is not one of amx, avx512-bf16, amx-emulated"):
         kernel_isa()
     for isa in fused.ISAS:
         monkeypatch.setenv("PHYSIS_KERNEL_ISA", isa)
-        if isa == here or (here == "amx" and fused._avx512_bf16_cpu()):  # an AMX CPU has both
+        if isa == here or (isa != "amx" and bf16):  # an AMX CPU has both; the emulation needs AVX-512 BF16
             assert kernel_isa() == isa
         else:
             with pytest.raises(ValueError, match="but this CPU has"):

@@ -18,7 +18,8 @@ than their arithmetic.
 
 Their tile products run on AMX (Intel Sapphire Rapids and later) or, on CPUs without it, as AVX-512 BF16 dot
 products against the same packed tiles (AMD Zen 4 and later; `kernel_isa()`): one build holds both, and the loader
-picks. The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then
+picks. A third setting computes AMX's tile instructions in C++, so that the tests check the AMX path on CPUs without
+AMX too. The kernels are compiled on first use with the C++ compiler torch's extensions use (about a minute, then
 cached) and run only where the CPU has one of the two and the model has their shapes (`supports()`,
 `trunk_supports()` say why not): the `fused` backend refuses elsewhere, and batches of more than one observation
 take compile-bf16's graphs (as do the tokens of a tokenizer with stem blocks or keypoints, `tokens_supports()`).
@@ -51,7 +52,9 @@ TOKENS = 16  # the kernel's one tile of rows: action chunks of this many steps
 # How two threads share the flow loop (`FusedFlow`'s split): as the CPU's ISA favours, the layers between them, or
 # each layer in halves; $PHYSIS_FLOW_SPLIT sets it for a process, to measure one against the other
 FLOW_SPLITS = {"auto": 0, "layers": 1, "halves": 2}
-ISAS = ("amx", "avx512-bf16")  # what the tile products run on (`kernel_isa`)
+# What the tile products run on (`kernel_isa`); the last computes AMX's tile instructions in C++, to check the AMX
+# path on a CPU without AMX (slowly: only when asked for)
+ISAS = ("amx", "avx512-bf16", "amx-emulated")
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +67,11 @@ def amx_cpu() -> bool:
 def kernel_isa() -> str | None:
     """What the kernels' tile products run on here: "amx" (AMX bf16 tiles, Intel Sapphire Rapids and later),
     "avx512-bf16" (AVX-512 BF16 dot products, e.g. AMD Zen 4 and later), or None where the CPU has neither.
-    $PHYSIS_KERNEL_ISA picks one of the two that the CPU has (on an AMX CPU, "avx512-bf16" measures the other path);
+    $PHYSIS_KERNEL_ISA picks one that the CPU has (on an AMX CPU, "avx512-bf16" measures the other path), or
+    "amx-emulated" where it has AVX-512 BF16 (the AMX path's every tile instruction computed in C++, for testing);
     read when the kernel loads."""
-    have = [isa for isa, ok in (("amx", amx_cpu()), ("avx512-bf16", _avx512_bf16_cpu())) if ok]
+    bf16 = _avx512_bf16_cpu()
+    have = [isa for isa, ok in (("amx", amx_cpu()), ("avx512-bf16", bf16), ("amx-emulated", bf16)) if ok]
     wanted = os.environ.get("PHYSIS_KERNEL_ISA")
     if wanted:
         if wanted not in ISAS:
@@ -74,7 +79,7 @@ def kernel_isa() -> str | None:
         if wanted not in have:
             raise ValueError(f"PHYSIS_KERNEL_ISA={wanted!r}, but this CPU has {' and '.join(have) or 'neither'}")
         return wanted
-    return have[0] if have else None
+    return have[0] if have else None  # never the emulation unasked
 
 
 def _avx512_bf16_cpu() -> bool:
@@ -149,7 +154,8 @@ def kernel() -> Any:
         sources = _sources_in(build)
         ext = load(name="physis_amx", sources=[str(s) for s in sources if s.suffix == ".cpp"], extra_cflags=FLAGS,
                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    ext.set_amx(kernel_isa() == "amx")  # one build for both: the tile products branch on this
+    ext.set_isa(kernel_isa() or "avx512-bf16")  # one build for all: the tile products branch on this (no kernel
+    # runs where the CPU has neither)
     return ext
 
 

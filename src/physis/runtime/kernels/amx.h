@@ -31,24 +31,31 @@ struct TileConfig {
 };
 
 // Whether the tile products run on AMX (true) or on AVX-512 BF16 dot products (false: CPUs without AMX, such as
-// AMD's Zen 4 and later). Both read the same packed B tiles. The loader sets it once (`set_amx`) from what the CPU
+// AMD's Zen 4 and later). Both read the same packed B tiles. The loader sets it once (`set_isa`) from what the CPU
 // has, before any kernel runs.
 inline bool& use_amx() {
   static bool on = true;
   return on;
 }
 
+// Whether AMX's tile instructions are computed in plain C++ (`EmulatedTiles`) rather than run: the AMX path, every
+// tile load, product and store of it, checked on a CPU without AMX (slowly; `set_isa("amx-emulated")`)
+inline bool& emulate_amx() {
+  static bool on = false;
+  return on;
+}
+
 // whether this thread may run the tile products: AMX needs the kernel's leave to use its tile state
 inline bool tiles_ready() {
-  if (!use_amx()) return true;
+  if (!use_amx() || emulate_amx()) return true;
   constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
   static const bool ok = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
   return ok;
 }
 
-// every tile 16 x 64 bytes; per thread, before its first tile product
+// every tile 16 x 64 bytes (the emulated tiles' one shape); per thread, before its first tile product
 inline void configure_tiles() {
-  if (!use_amx()) return;
+  if (!use_amx() || emulate_amx()) return;
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) {
     cfg.rows[i] = 16;
@@ -59,7 +66,7 @@ inline void configure_tiles() {
 
 // per thread, after its last tile product
 inline void release_tiles() {
-  if (use_amx()) _tile_release();
+  if (use_amx() && !emulate_amx()) _tile_release();
 }
 
 // One kernel thread's state for the length of a parallel region: its tiles configured, and denormals flushed (the
@@ -183,47 +190,112 @@ inline void gemm16_avx512(const bf16* A, int lda, const bf16* B, int K, int N, f
   }
 }
 
+// AMX's tile instructions in plain C++, on each thread's own eight tiles of 16 rows x 64 bytes, in the order of
+// operations the instruction set reference gives (a bf16 product is exact in float32, so each += rounds once, as
+// the hardware's does; denormals flush under `ThreadTiles`, as the hardware flushes them)
+struct EmulatedTiles {
+  using Tile = uint8_t[16][64];
+  static Tile& tile(int t) {
+    alignas(64) static thread_local uint8_t tiles[8][16][64];
+    return tiles[t];
+  }
+  static void zero(int t) { std::memset(tile(t), 0, sizeof(Tile)); }
+  static void load(int t, const void* base, long stride) {
+    for (int r = 0; r < 16; ++r) std::memcpy(tile(t)[r], static_cast<const uint8_t*>(base) + r * stride, 64);
+  }
+  static void store(int t, void* base, long stride) {
+    for (int r = 0; r < 16; ++r) std::memcpy(static_cast<uint8_t*>(base) + r * stride, tile(t)[r], 64);
+  }
+  // C (16 x 16 float32) += A (16 rows x 16 k-pairs) B (16 k-pairs x 16 columns x 2)
+  static void dpbf16ps(int c, int a, int b) {
+    float C[16][16];
+    bf16 A[16][32], B[16][32];
+    std::memcpy(C, tile(c), sizeof(C));
+    std::memcpy(A, tile(a), sizeof(A));
+    std::memcpy(B, tile(b), sizeof(B));
+    const auto f = [](bf16 v) {
+      const uint32_t u = static_cast<uint32_t>(v) << 16;
+      float x;
+      std::memcpy(&x, &u, 4);
+      return x;
+    };
+    for (int m = 0; m < 16; ++m)
+      for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < 16; ++n) {
+          C[m][n] += f(A[m][2 * k]) * f(B[k][2 * n]);
+          C[m][n] += f(A[m][2 * k + 1]) * f(B[k][2 * n + 1]);
+        }
+    std::memcpy(tile(c), C, sizeof(C));
+  }
+};
+
+// gemm16 on AMX's tiles, run (emulated = false) or computed by `EmulatedTiles`. The tile instructions take their
+// tile's number as a literal, hence the macros.
+#define TILE_ZERO(t) \
+  if constexpr (emulated) EmulatedTiles::zero(t); \
+  else _tile_zero(t)
+#define TILE_LOAD(t, base, stride) \
+  if constexpr (emulated) EmulatedTiles::load(t, base, stride); \
+  else _tile_loadd(t, base, stride)
+#define TILE_STORE(t, base, stride) \
+  if constexpr (emulated) EmulatedTiles::store(t, base, stride); \
+  else _tile_stored(t, base, stride)
+#define TILE_DOT(c, a, b) \
+  if constexpr (emulated) EmulatedTiles::dpbf16ps(c, a, b); \
+  else _tile_dpbf16ps(c, a, b)
+
+template <bool emulated>
+inline void gemm16_amx(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc, int kb_stride) {
+  const int kb_n = K / 32, nb_n = N / 16;
+  const size_t s = static_cast<size_t>(kb_stride) * BLOCK;  // one column of tiles
+  int nb = 0;
+  for (; nb + 4 <= nb_n; nb += 4) {
+    TILE_ZERO(0);
+    TILE_ZERO(1);
+    TILE_ZERO(2);
+    TILE_ZERO(3);
+    const bf16* b0 = B + nb * s;
+    for (int kb = 0; kb < kb_n; ++kb) {
+      TILE_LOAD(4, A + kb * 32, lda * 2);
+      TILE_LOAD(5, b0 + kb * BLOCK, 64);
+      TILE_DOT(0, 4, 5);
+      TILE_LOAD(6, b0 + s + kb * BLOCK, 64);
+      TILE_DOT(1, 4, 6);
+      TILE_LOAD(7, b0 + 2 * s + kb * BLOCK, 64);
+      TILE_DOT(2, 4, 7);
+      TILE_LOAD(5, b0 + 3 * s + kb * BLOCK, 64);
+      TILE_DOT(3, 4, 5);
+    }
+    TILE_STORE(0, C + nb * 16, ldc * 4);
+    TILE_STORE(1, C + (nb + 1) * 16, ldc * 4);
+    TILE_STORE(2, C + (nb + 2) * 16, ldc * 4);
+    TILE_STORE(3, C + (nb + 3) * 16, ldc * 4);
+  }
+  for (; nb < nb_n; ++nb) {
+    TILE_ZERO(0);
+    const bf16* b0 = B + nb * s;
+    for (int kb = 0; kb < kb_n; ++kb) {
+      TILE_LOAD(4, A + kb * 32, lda * 2);
+      TILE_LOAD(5, b0 + kb * BLOCK, 64);
+      TILE_DOT(0, 4, 5);
+    }
+    TILE_STORE(0, C + nb * 16, ldc * 4);
+  }
+}
+
+#undef TILE_ZERO
+#undef TILE_LOAD
+#undef TILE_STORE
+#undef TILE_DOT
+
 // C (16 x N, float32, row stride ldc) = A (16 x K bf16, row stride lda) B, with B packed as [N/16][K/32] tiles.
 // With kb_stride (a column of B's tiles, default K/32) B may be a slice of a longer K: its first tile, and the rows
 // of A that meet it.
 inline void gemm16(const bf16* A, int lda, const bf16* B, int K, int N, float* C, int ldc, int kb_stride = 0) {
   kb_stride = kb_stride ? kb_stride : K / 32;
   if (!use_amx()) return gemm16_avx512(A, lda, B, K, N, C, ldc, kb_stride);
-  const int kb_n = K / 32, nb_n = N / 16;
-  const size_t s = static_cast<size_t>(kb_stride) * BLOCK;  // one column of tiles
-  int nb = 0;
-  for (; nb + 4 <= nb_n; nb += 4) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-    const bf16* b0 = B + nb * s;
-    for (int kb = 0; kb < kb_n; ++kb) {
-      _tile_loadd(4, A + kb * 32, lda * 2);
-      _tile_loadd(5, b0 + kb * BLOCK, 64);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, b0 + s + kb * BLOCK, 64);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, b0 + 2 * s + kb * BLOCK, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, b0 + 3 * s + kb * BLOCK, 64);
-      _tile_dpbf16ps(3, 4, 5);
-    }
-    _tile_stored(0, C + nb * 16, ldc * 4);
-    _tile_stored(1, C + (nb + 1) * 16, ldc * 4);
-    _tile_stored(2, C + (nb + 2) * 16, ldc * 4);
-    _tile_stored(3, C + (nb + 3) * 16, ldc * 4);
-  }
-  for (; nb < nb_n; ++nb) {
-    _tile_zero(0);
-    const bf16* b0 = B + nb * s;
-    for (int kb = 0; kb < kb_n; ++kb) {
-      _tile_loadd(4, A + kb * 32, lda * 2);
-      _tile_loadd(5, b0 + kb * BLOCK, 64);
-      _tile_dpbf16ps(0, 4, 5);
-    }
-    _tile_stored(0, C + nb * 16, ldc * 4);
-  }
+  if (emulate_amx()) return gemm16_amx<true>(A, lda, B, K, N, C, ldc, kb_stride);
+  gemm16_amx<false>(A, lda, B, K, N, C, ldc, kb_stride);
 }
 
 // C = A B over `tiles` row tiles of 16 (rows of A and C consecutive). (Two row tiles at a time, each weight tile

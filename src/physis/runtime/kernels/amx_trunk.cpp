@@ -233,8 +233,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Flow>(m, "Flow")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t, int64_t>())
       .def("run", &Flow::run, "one chunk's flow loop");
-  m.def("set_amx", [](bool on) { use_amx() = on; }, "tile products on AMX (true) or AVX-512 BF16 (false)");
-  m.def("uses_amx", [] { return use_amx(); }, "whether the tile products run on AMX");
+  m.def(
+      "set_isa",
+      [](const std::string& isa) {
+        TORCH_CHECK(isa == "amx" || isa == "avx512-bf16" || isa == "amx-emulated", "set_isa: no ISA ", isa);
+        use_amx() = isa != "avx512-bf16";
+        emulate_amx() = isa == "amx-emulated";
+      },
+      "what the tile products run on: amx, avx512-bf16, or amx-emulated (AMX's instructions in C++)");
+  m.def(
+      "isa", [] { return std::string(!use_amx() ? "avx512-bf16" : emulate_amx() ? "amx-emulated" : "amx"); },
+      "what the tile products run on");
   pybind11::class_<Trunk>(m, "Trunk")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<double>, int64_t, int64_t, int64_t, int64_t,
                           int64_t>())
