@@ -1,3 +1,5 @@
+import multiprocessing
+
 import numpy as np
 import pytest
 
@@ -47,3 +49,25 @@ def test_missing_and_garbage_files(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"not a video at all" * 10)
     with pytest.raises(VideoDecodeError, match="junk.mp4"):
         decode_all(tmp_path / "junk.mp4")
+
+
+def _decode_into(path, queue):
+    queue.put(decode_all(path)[0].shape)
+
+
+def test_a_process_forked_after_decoding_decodes_too(tmp_path):
+    # a DataLoader's workers are forked from a parent that may have decoded already (PyAV 18.1.1 hung them there)
+    enc = VideoEncoder(tmp_path / "v.mp4", 10, 32, 32)
+    for i in range(8):
+        enc.add(np.full((32, 32, 3), 20 * i, np.uint8))
+    enc.close()
+    assert decode_all(tmp_path / "v.mp4")[0].shape == (8, 32, 32, 3)
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    child = fork.Process(target=_decode_into, args=(tmp_path / "v.mp4", queue))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    child.kill()
+    assert not hung, "a forked process hung decoding a video"
+    assert child.exitcode == 0 and queue.get(timeout=5) == (8, 32, 32, 3)

@@ -122,6 +122,14 @@ def _open(path: Path):
     return container
 
 
+def _rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB, converted on the calling thread. PyAV 17 and later convert on a pool
+    of slice threads by default; with PyAV 18.1.1, a process forked after its parent had converted a frame (a
+    DataLoader's worker) waited forever in the conversion, on slice threads that the fork had not copied. Frames
+    of a few hundred pixels a side gain nothing from the threads, and the workers are the parallelism."""
+    return frame.to_ndarray(format="rgb24", threads=1)
+
+
 def decode_all(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Every frame of a file: (N, H, W, 3) uint8 RGB and their times in seconds (N,)."""
     frames, times = [], []
@@ -130,7 +138,7 @@ def decode_all(path: Path) -> tuple[np.ndarray, np.ndarray]:
         stream.thread_type = "AUTO"
         try:
             for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_rgb(frame))
                 times.append(float(frame.pts * frame.time_base))
         except av.FFmpegError as e:
             raise VideoDecodeError(f"{path}: decoding failed after {len(frames)} frames ({e})") from e
@@ -166,7 +174,7 @@ def decode_at(path: Path, timestamps: np.ndarray, tolerance_s: float = DEFAULT_T
         try:
             for frame in container.decode(stream):
                 t = float(frame.pts * frame.time_base)
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(_rgb(frame))
                 times.append(t)
                 if t >= hi - tolerance_s:
                     break
