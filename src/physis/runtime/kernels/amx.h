@@ -1,6 +1,6 @@
-// Building blocks of physis's CPU kernels (amx_flow.cpp, amx_trunk.cpp): bf16 tile products against weights packed
-// once, on AMX or AVX-512 BF16, and the float32 vector pieces around them (LayerNorm, GELU, softmax rows, an exp of
-// our own).
+// Building blocks of physis's CPU kernels (amx_tokens.cpp, amx_trunk.cpp, amx_flow.cpp): bf16 tile products against
+// weights packed once, on AMX (run, or emulated in C++ for tests) or AVX-512 BF16, and the float32 vector pieces
+// around them (LayerNorm, GELU, softmax rows, an exp of our own).
 #pragma once
 
 #include <torch/extension.h>
